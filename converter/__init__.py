@@ -1,0 +1,1 @@
+"""Rewrite ordinary image layers and images into seekable (eStargz) ones."""

@@ -1,0 +1,266 @@
+"""Convert one layer tar into an eStargz blob.
+
+The tar stream is cut into *segments*, each of which becomes one gzip member:
+
+    segment = [payload of one chunk][its tar padding][headers of the entries that follow]
+
+A new segment starts at every chunk of every non-empty regular file (so each chunk can be
+inflated alone) and whenever the pending headers outgrow a chunk (so a directory of a million
+empty files does not become one giant member). Segment boundaries depend only on the input and
+the chunk size, never on the number of threads: segments are compressed in parallel and
+written in order, so the output is byte-identical whatever the core count.
+
+Compression runs in a thread pool. zlib-ng releases the GIL while deflating, so threads use
+every core without the cost of copying chunks between processes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import hashlib
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from converter.prioritize import prioritize
+from converter.tarinput import (Member, payload_reader, plain_tar, raw_header, read_exactly,
+                                scan_members, synthetic_member)
+from lazyfs.errors import NotFound
+from lazyfs.format.codec import GzipCodec
+from lazyfs.format.estargz import (LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
+                                   TOC_TAR_NAME, build_toc_blob)
+from lazyfs.format.tarmeta import TOC_TYPE_OF_TAR_TYPE, tar_xattrs
+from lazyfs.format.toc import TOC, TOCEntry, clean_name, format_modtime
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+_RESERVED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+_EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    compression_level: int = 9
+    prioritized_files: tuple[str, ...] = ()
+    missing_prioritized_ok: bool = False  # image mode: a listed file may be in another layer
+    workers: int | None = None  # default: every core
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    blob_digest: str  # sha256 of the eStargz blob
+    blob_size: int
+    toc_digest: str  # sha256 of the TOC JSON, what the manifest annotation pins
+    diff_id: str  # sha256 of the uncompressed blob, a tar
+    uncompressed_size: int
+    missing_prioritized: tuple[str, ...] = ()
+
+
+def convert_layer(src_path: str, dst_path: str, options: LayerOptions = LayerOptions()) -> LayerResult:
+    """Write the eStargz form of the layer tar at `src_path` (plain, gzip or zstd) to `dst_path`.
+
+    The output appears atomically: it is written beside `dst_path` and renamed into place, and
+    removed on any error.
+    """
+    if options.chunk_size <= 0:
+        raise ValueError("chunk size must be positive")
+    temp_path = f"{dst_path}.partial-{os.getpid()}"
+    try:
+        with plain_tar(src_path, temp_dir=os.path.dirname(os.path.abspath(dst_path))) as tar_path:
+            members = [m for m in scan_members(tar_path) if clean_name(m.info.name) not in _RESERVED_NAMES]
+            ordering = prioritize(members, list(options.prioritized_files))
+            if ordering.missing and not options.missing_prioritized_ok:
+                raise NotFound(f"prioritized file not in the layer: {ordering.missing[0]!r}")
+            with open(tar_path, "rb") as tar_file, tarfile.open(tar_path, "r:") as tar, \
+                    open(temp_path, "wb") as out:
+                result = _write_blob(_ordered_items(ordering), tar_file, tar, out, options)
+        os.replace(temp_path, dst_path)
+    except BaseException:
+        _remove_quietly(temp_path)
+        raise
+    return LayerResult(**result, missing_prioritized=tuple(ordering.missing))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _ordered_items(ordering) -> Iterator[tuple[Member, bytes | None]]:
+    """Members in output order, each with its payload if it is synthetic (the landmark)."""
+    for member in ordering.members:
+        yield member, None
+    yield synthetic_member(ordering.landmark, LANDMARK_CONTENTS)
+    for member in ordering.rest:
+        yield member, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Segmentation
+
+
+@dataclass
+class _Segment:
+    data: bytes
+    chunk_entries: list[TOCEntry] = field(default_factory=list)  # start at this segment's offset
+
+
+class _Segmenter:
+    """Turns members into segments and TOC entries, in output order."""
+
+    def __init__(self, tar_file, tar: tarfile.TarFile, chunk_size: int):
+        self.tar_file = tar_file
+        self.tar = tar
+        self.chunk_size = chunk_size
+        self.entries: list[TOCEntry] = []
+        self._pending = bytearray()
+        self._pending_entries: list[TOCEntry] = []
+        self._last_user: dict[int, str] = {}
+        self._last_group: dict[int, str] = {}
+
+    def segments(self, items) -> Iterator[_Segment]:
+        for member, synthetic_payload in items:
+            yield from self._member(member, synthetic_payload)
+        if self._pending:
+            yield self._cut()
+
+    def _cut(self) -> _Segment:
+        segment = _Segment(bytes(self._pending), self._pending_entries)
+        self._pending = bytearray()
+        self._pending_entries = []
+        return segment
+
+    def _member(self, member: Member, synthetic_payload: bytes | None) -> Iterator[_Segment]:
+        info = member.info
+        entry = self._toc_entry(info)
+        self._pending += raw_header(self.tar_file, member)
+        if entry.type == "reg" and info.size == 0:
+            entry.digest = _EMPTY_DIGEST
+        if entry.type != "reg" or info.size == 0:
+            self.entries.append(entry)
+            if len(self._pending) >= self.chunk_size:
+                yield self._cut()
+            return
+        if synthetic_payload is not None:
+            payload = _BytesReader(synthetic_payload)
+        else:
+            payload = payload_reader(self.tar, member)
+        file_entry = entry
+        file_digest = hashlib.sha256()
+        file_offset = 0
+        while file_offset < info.size:
+            length = min(self.chunk_size, info.size - file_offset)
+            data = read_exactly(payload, length, info.name)
+            file_digest.update(data)
+            if file_offset > 0:
+                entry = TOCEntry(name=info.name, type="chunk")
+            entry.file_offset = file_offset
+            # chunkSize 0 means "to the end of the file": written only for non-final chunks.
+            entry.chunk_size = length if file_offset + length < info.size else 0
+            entry.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            yield self._cut()  # the chunk starts a new member
+            self._pending += data
+            self._pending_entries.append(entry)
+            self.entries.append(entry)
+            file_offset += length
+        self._pending += b"\0" * (-info.size % tarfile.BLOCKSIZE)
+        file_entry.digest = "sha256:" + file_digest.hexdigest()
+
+    def _toc_entry(self, info: tarfile.TarInfo) -> TOCEntry:
+        toc_type = TOC_TYPE_OF_TAR_TYPE[info.type]
+        entry = TOCEntry(
+            name=info.name,
+            type=toc_type,
+            modtime=format_modtime(info.mtime),
+            mode=info.mode,
+            uid=info.uid,
+            gid=info.gid,
+            user_name=_name_if_changed(self._last_user, info.uid, info.uname),
+            group_name=_name_if_changed(self._last_group, info.gid, info.gname),
+            xattrs=tar_xattrs(info),
+        )
+        if toc_type == "reg":
+            entry.size = info.size
+        elif toc_type in ("symlink", "hardlink"):
+            entry.link_name = info.linkname
+        elif toc_type in ("char", "block"):
+            entry.dev_major, entry.dev_minor = info.devmajor, info.devminor
+        return entry
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self._data = data
+        self._pos = 0
+
+    def read(self, length: int) -> bytes:
+        chunk = self._data[self._pos:self._pos + length]
+        self._pos += len(chunk)
+        return chunk
+
+
+def _name_if_changed(last: dict[int, str], owner_id: int, name: str) -> str:
+    """Write a user or group name only when it differs from the last one written for this id;
+    readers carry names forward, so the TOC stays small."""
+    if not name or last.get(owner_id) == name:
+        return ""
+    last[owner_id] = name
+    return name
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallel compression and output
+
+
+def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
+    codec = GzipCodec(options.compression_level)
+    segmenter = _Segmenter(tar_file, tar, options.chunk_size)
+    workers = options.workers or os.cpu_count() or 1
+    blob_hash, diff_hash = hashlib.sha256(), hashlib.sha256()
+    blob_offset = uncompressed_size = 0
+
+    def emit(segment: _Segment, compressed: bytes) -> None:
+        nonlocal blob_offset, uncompressed_size
+        for entry in segment.chunk_entries:
+            entry.blob_offset = blob_offset
+        out.write(compressed)
+        blob_hash.update(compressed)
+        blob_offset += len(compressed)
+        uncompressed_size += len(segment.data)
+
+    # Bounded window of in-flight segments: memory stays at a few chunks per core.
+    in_flight: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for segment in segmenter.segments(items):
+                diff_hash.update(segment.data)
+                in_flight.append((segment, pool.submit(codec.compress, segment.data)))
+                while len(in_flight) > 2 * workers:
+                    done_segment, future = in_flight.popleft()
+                    emit(done_segment, future.result())
+            while in_flight:
+                done_segment, future = in_flight.popleft()
+                emit(done_segment, future.result())
+        except BaseException:
+            for _, future in in_flight:
+                future.cancel()
+            raise
+
+    toc_blob = build_toc_blob(TOC(entries=segmenter.entries), blob_offset, codec)
+    out.write(toc_blob.tail)
+    blob_hash.update(toc_blob.tail)
+    diff_hash.update(toc_blob.uncompressed)
+    return dict(
+        blob_digest="sha256:" + blob_hash.hexdigest(),
+        blob_size=blob_offset + len(toc_blob.tail),
+        toc_digest=toc_blob.toc_digest,
+        diff_id="sha256:" + diff_hash.hexdigest(),
+        uncompressed_size=uncompressed_size + len(toc_blob.uncompressed),
+    )
+

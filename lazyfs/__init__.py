@@ -1,0 +1,3 @@
+"""lazyfs: seekable container image layers, mounted lazily."""
+
+__version__ = "0.1.0"
