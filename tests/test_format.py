@@ -1,0 +1,193 @@
+"""The format layer alone: footers, TOC JSON, chunk resolution, the gzip codec."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lazyfs.errors import FormatError
+from lazyfs.format.codec import GzipCodec
+from lazyfs.format.estargz import (FOOTER_SIZE, LEGACY_FOOTER_SIZE, TOC_TAR_NAME, build_footer,
+                                   build_toc_blob, parse_footer, read_toc_member)
+from lazyfs.format.toc import TOC, TOCEntry, dump_toc, format_modtime, parse_modtime, parse_toc, resolve
+
+
+@given(st.integers(min_value=0, max_value=(1 << 63) - 1))
+def test_footer_round_trip(offset):
+    footer = build_footer(offset)
+    assert len(footer) == FOOTER_SIZE
+    assert parse_footer(b"junk before" + footer).toc_blob_offset == offset
+    # The footer is itself a valid, empty gzip member.
+    assert gzip.decompress(footer) == b""
+
+
+def test_footer_bytes_match_the_documented_layout():
+    footer = build_footer(0x1234)
+    assert footer[:10] == bytes.fromhex("1f8b0804000000000 0ff".replace(" ", ""))
+    assert footer[10:16] == b"\x1a\x00SG\x16\x00"
+    assert footer[16:38] == b"0000000000001234STARGZ"
+    assert footer[38:] == bytes.fromhex("010000ffff") + b"\0" * 8
+
+
+def legacy_footer(offset: int) -> bytes:
+    extra = b"%016xSTARGZ" % offset
+    footer = (bytes.fromhex("1f8b08040000000000ff") + len(extra).to_bytes(2, "little") + extra
+              + bytes.fromhex("010000ffff") + b"\0" * 8)
+    assert len(footer) == LEGACY_FOOTER_SIZE
+    return footer
+
+
+def test_legacy_crfs_footer_is_read():
+    parsed = parse_footer(b"x" * 100 + legacy_footer(987654))
+    assert (parsed.toc_blob_offset, parsed.size) == (987654, LEGACY_FOOTER_SIZE)
+    assert gzip.decompress(legacy_footer(5)) == b""
+
+
+@pytest.mark.parametrize("tail", [b"", b"\0" * 51, gzip.compress(b"not a footer" * 10),
+                                  build_footer(5)[:-1], build_footer(5).replace(b"STARGZ", b"STARGX"),
+                                  build_footer(5).replace(b"0000000000000005", b"zzzzzzzzzzzzzzzz")])
+def test_bad_footers_are_refused(tail):
+    with pytest.raises(FormatError):
+        parse_footer(tail)
+
+
+names = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=40)
+small_ints = st.integers(min_value=0, max_value=(1 << 40))
+entries = st.builds(
+    TOCEntry, name=names, type=st.sampled_from(["dir", "reg", "symlink", "hardlink", "char", "block", "fifo"]),
+    size=small_ints, modtime=st.sampled_from(["", "2023-11-14T22:13:20Z"]), link_name=st.text(max_size=20).filter(lambda s: "\x00" not in s),
+    mode=st.integers(0, 0o7777), uid=small_ints, gid=small_ints, user_name=st.sampled_from(["", "root", "ü"]),
+    blob_offset=small_ints, dev_major=small_ints, dev_minor=small_ints,
+    xattrs=st.dictionaries(st.text(min_size=1, max_size=10), st.binary(max_size=10), max_size=3),
+    digest=st.sampled_from(["", "sha256:" + "ab" * 32]), file_offset=small_ints, chunk_size=small_ints,
+    chunk_digest=st.sampled_from(["", "sha256:" + "01" * 32]), inner_offset=small_ints)
+
+
+@given(st.lists(entries, max_size=8))
+def test_toc_json_round_trip(items):
+    assert parse_toc(dump_toc(TOC(items))).entries == items
+
+
+def test_toc_uses_the_wire_names_and_base64_xattrs():
+    doc = json.loads(dump_toc(TOC([TOCEntry(name="a", type="reg", size=3, blob_offset=10, file_offset=0,
+                                            chunk_size=2, link_name="", xattrs={"user.x": b"\x00\xff"},
+                                            inner_offset=4, user_name="u", group_name="g")])))
+    assert doc == {"version": 1, "entries": [{
+        "name": "a", "type": "reg", "size": 3, "userName": "u", "groupName": "g", "offset": 10,
+        "xattrs": {"user.x": base64.b64encode(b"\x00\xff").decode()}, "chunkSize": 2, "innerOffset": 4}]}
+
+
+@pytest.mark.parametrize("doc, message", [
+    (b"{", "not valid JSON"),
+    (b"[]", "not a JSON object"),
+    (b'{"version": 2, "entries": []}', "unsupported TOC version"),
+    (b'{"version": 1}', "no 'entries'"),
+    (b'{"version": 1, "entries": [5]}', "entry 0 is not an object"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "sock"}]}', "unknown type"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": -1}]}', "out of range"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": true}]}', "not an integer"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "size": 1e3}]}', "not an integer"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "offset": 9223372036854775808}]}', "out of range"),
+    (b'{"version": 1, "entries": [{"name": "a\\u0000b", "type": "reg"}]}', "NUL"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "digest": "md5:00"}]}', "not a sha256"),
+    (b'{"version": 1, "entries": [{"name": "a", "type": "reg", "xattrs": {"k": "!!"}}]}', "base64"),
+    (b'{"version": 1, "entries": [{"type": "reg"}]}', "has no name"),
+])
+def test_malformed_tocs_are_refused_with_a_precise_message(doc, message):
+    with pytest.raises(FormatError, match=message):
+        parse_toc(doc)
+
+
+def reg(name, size, offset, chunk_size=0, **kw):
+    return TOCEntry(name=name, type="reg", size=size, blob_offset=offset, chunk_size=chunk_size, **kw)
+
+
+def chunk(offset, file_offset, chunk_size=0):
+    return TOCEntry(name="", type="chunk", blob_offset=offset, file_offset=file_offset, chunk_size=chunk_size)
+
+
+def test_resolve_attaches_chunks_and_fills_implicit_values():
+    toc = TOC([
+        TOCEntry(name="./d/", type="dir", uid=5, user_name="five", gid=6, group_name="six"),
+        reg("d/f", 10, 100, chunk_size=4, uid=5, gid=6),
+        chunk(150, 4, 4),
+        chunk(170, 8),
+        reg("g", 3, 200),
+        TOCEntry(name="e", type="reg"),  # empty file: no chunk
+    ])
+    items = resolve(toc, toc_blob_offset=300)
+    assert [i.path for i in items] == ["d", "d/f", "g", "e"]
+    f = items[1]
+    assert (f.user_name, f.group_name) == ("five", "six")  # carried forward; group from the group map
+    assert [(c.file_offset, c.size, c.blob_offset, c.blob_end) for c in f.chunks] == [
+        (0, 4, 100, 150), (4, 4, 150, 170), (8, 2, 170, 200)]
+    assert [(c.size, c.blob_end) for c in items[2].chunks] == [(3, 300)]
+    assert items[3].chunks == []
+
+
+@pytest.mark.parametrize("toc_entries, message", [
+    ([chunk(10, 0)], "chunk with no regular file"),
+    ([reg("a", 10, 5, chunk_size=4), chunk(20, 5)], "do not tile"),
+    ([reg("a", 10, 5, chunk_size=4)], "cover 4 bytes"),
+    ([reg("a", 10, 500)], "not before the TOC"),
+    ([reg("a", 4, 5, chunk_size=4), chunk(20, 4, 4)], "cover 8 bytes, file size is 4"),
+])
+def test_resolve_refuses_inconsistent_chunks(toc_entries, message):
+    with pytest.raises(FormatError, match=message):
+        resolve(TOC(toc_entries), toc_blob_offset=300)
+
+
+@given(st.binary(max_size=5000), st.integers(0, 9))
+@settings(max_examples=50)
+def test_gzip_codec_members_are_standard_gzip(data, level):
+    member = GzipCodec(level).compress(data)
+    assert gzip.decompress(member) == data
+    codec = GzipCodec(level)
+    assert codec.decompress_prefix(member + b"next member", len(data)) == data
+    if data:
+        assert codec.decompress_prefix(member, len(data) - 1) == data[:-1]
+
+
+def test_gzip_codec_never_inflates_past_the_asked_length():
+    bomb = GzipCodec(9).compress(b"\0" * (50 << 20))
+    assert len(GzipCodec().decompress_prefix(bomb, 10)) == 10
+    with pytest.raises(FormatError, match="ends after"):
+        GzipCodec().decompress_prefix(GzipCodec().compress(b"abc"), 4)
+    with pytest.raises(FormatError, match="corrupt"):
+        GzipCodec().decompress_prefix(b"\x1f\x8b\x08\x00" + b"\xff" * 30, 4)
+
+
+def test_toc_member_round_trip_and_digest():
+    toc = TOC([reg("a", 1, 0)])
+    blob = build_toc_blob(toc, 1234, GzipCodec())
+    parsed, digest = read_toc_member(blob.tail[:-FOOTER_SIZE])
+    assert parsed == toc and digest == blob.toc_digest
+    assert parse_footer(blob.tail).toc_blob_offset == 1234
+    # The member holds a tar entry named stargz.index.json whose content is the TOC JSON.
+    assert TOC_TAR_NAME.encode() in zlib.decompress(blob.tail[:-FOOTER_SIZE], 31)
+
+
+def test_toc_member_with_another_name_is_refused():
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("evil.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    with pytest.raises(FormatError, match="not 'stargz.index.json'"):
+        read_toc_member(gzip.compress(buf.getvalue()))
+
+
+def test_modtime_formatting():
+    assert format_modtime(0) == ""
+    assert format_modtime(1700000000.4) == "2023-11-14T22:13:20Z"
+    assert parse_modtime("2023-11-14T22:13:20Z") == 1700000000
+    assert parse_modtime("2023-11-15T00:13:20+02:00") == 1700000000
+    assert parse_modtime("") == 0 and parse_modtime("yesterday") == 0
