@@ -1,0 +1,5 @@
+import sys
+
+from lazyfs.cli import main
+
+sys.exit(main())

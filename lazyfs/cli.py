@@ -1,0 +1,160 @@
+"""The `lazyfs` command.
+
+Every subcommand is a function taking the parsed arguments. `main()` maps LazyfsError to a
+one-line message on stderr and the error's exit code; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+
+from lazyfs import __version__
+from lazyfs.errors import LazyfsError, NotFound
+
+log = logging.getLogger("lazyfs")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lazyfs", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert", help="rewrite a layer tar or an image into seekable eStargz",
+        description="Convert a plain/gzip/zstd layer tar into one eStargz blob (printing its TOC "
+                    "digest), or an OCI layout, oci-archive or docker-archive into an OCI image "
+                    "whose layers are eStargz.")
+    convert.add_argument("source", help="layer tar, OCI layout dir[:TAG], oci-archive or docker-archive")
+    convert.add_argument("destination", help="output blob (layer input) or OCI layout directory")
+    convert.add_argument("--archive", action="store_true", help="write an oci-archive tar instead of a layout")
+    convert.add_argument("--chunk-size", type=_positive_int, default=4 << 20, metavar="BYTES",
+                         help="largest uncompressed chunk of a file (default 4 MiB)")
+    convert.add_argument("--compression-level", type=int, default=9, choices=range(0, 10),
+                         metavar="0-9", help="deflate level (default 9, as the reference uses)")
+    convert.add_argument("--prioritize", metavar="LIST",
+                         help="file of paths (one per line, in access order) to put first for prefetch")
+    convert.add_argument("--workers", type=_positive_int, metavar="N",
+                         help="compression threads (default: every core); output is the same for any N")
+    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="progress bar (default: on a terminal, for multi-layer images)")
+    convert.set_defaults(run=_cmd_convert)
+
+    inspect = commands.add_parser("inspect", help="show layers, entries, chunks and sizes")
+    inspect.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(run=_cmd_inspect)
+
+    verify = commands.add_parser(
+        "verify", help="check footer, TOC digest, every chunk, and the tar against the TOC")
+    verify.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
+    verify.add_argument("--toc-digest", metavar="DIGEST",
+                        help="pin a lone blob's TOC digest (images pin it in the manifest)")
+    verify.set_defaults(run=_cmd_verify)
+
+    demo = commands.add_parser("demo", help="run the main job end to end on a built-in sample")
+    demo.add_argument("--workdir", help="where to put the sample and its outputs (default: a temp dir)")
+    demo.set_defaults(run=_cmd_demo)
+    return parser
+
+
+def _read_prioritized(path: str | None) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f]
+    except OSError as exc:
+        raise NotFound(f"cannot read the prioritized list {path}: {exc.strerror}") from None
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def _cmd_convert(args) -> int:
+    from converter.layer import LayerOptions, convert_layer
+    from converter import inputs
+
+    options = LayerOptions(
+        chunk_size=args.chunk_size,
+        compression_level=args.compression_level,
+        prioritized_files=_read_prioritized(args.prioritize),
+        workers=args.workers,
+    )
+    if os.path.isfile(args.source) and inputs.detect_kind(args.source) is inputs.InputKind.LAYER:
+        result = convert_layer(args.source, args.destination, options)
+        print(f"wrote {args.destination}: {result.blob_size} bytes, "
+              f"{result.uncompressed_size} uncompressed", file=sys.stderr)
+        print(result.toc_digest)
+        return 0
+    from converter.image import convert_image
+
+    image = convert_image(args.source, args.destination, archive=args.archive,
+                          options=_image_options(options), progress=args.progress)
+    print(f"wrote {args.destination}: {len(image.layers)} eStargz layers, manifest "
+          f"{image.manifest_digest}" + (f", tag {image.tag}" if image.tag else ""), file=sys.stderr)
+    print(image.manifest_digest)
+    return 0
+
+
+def _image_options(options):
+    import dataclasses
+
+    return dataclasses.replace(options, missing_prioritized_ok=True)
+
+
+def _cmd_inspect(args) -> int:
+    from lazyfs import inspect
+
+    report = inspect.inspect_target(args.target)
+    if args.json:
+        import json
+
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        inspect.print_report(report, sys.stdout)
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from lazyfs import inspect
+
+    for line in inspect.verify_target(args.target, args.toc_digest):
+        print(line)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from lazyfs import demo
+
+    return demo.run(args.workdir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="lazyfs: %(message)s")
+    try:
+        return args.run(args)
+    except LazyfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"lazyfs {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error worth a traceback.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

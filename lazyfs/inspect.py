@@ -1,0 +1,129 @@
+"""`lazyfs inspect` and `lazyfs verify` over a lone blob or a whole OCI image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import TextIO
+
+from lazyfs import oci_layout
+from lazyfs.blobfile import LocalBlob, SeekableLayer
+from lazyfs.errors import FormatError, VerificationError
+from lazyfs.format import oci
+from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
+from lazyfs.format.toc import entry_to_json
+from lazyfs.verify import LayerCheck, verify_layer
+
+
+def _layer_report(path: str) -> dict:
+    with LocalBlob(path) as blob:
+        layer = SeekableLayer.open(blob)
+        chunk_count = sum(len(item.chunks) for item in layer.entries)
+        file_bytes = sum(item.entry.size for item in layer.entries if item.entry.type == "reg")
+        return {
+            "format": layer.format,
+            "blob_size": blob.size,
+            "toc_digest": layer.toc_digest,
+            "toc_offset": layer.toc_blob_offset,
+            "toc_size": blob.size - layer.footer_size - layer.toc_blob_offset,
+            "footer_size": layer.footer_size,
+            "entry_count": len(layer.entries),
+            "chunk_count": chunk_count,
+            "file_bytes": file_bytes,
+            "entries": [_entry_report(item) for item in layer.entries],
+        }
+
+
+def _entry_report(item) -> dict:
+    out = entry_to_json(item.entry)
+    out["xattrs"] = sorted(item.entry.xattrs)
+    out["chunks"] = [
+        {"file_offset": c.file_offset, "size": c.size, "blob_offset": c.blob_offset,
+         "compressed_size": c.blob_end - c.blob_offset, "digest": c.digest}
+        for c in item.chunks
+    ]
+    return out
+
+
+def inspect_target(target: str) -> dict:
+    """A JSON-ready description: {"kind", "layers": [...]} (plus manifest data for images)."""
+    image = _open_image_or_none(target)
+    if image is None:
+        return {"kind": "blob", "path": target, "layers": [_layer_report(target)]}
+    with image:
+        layers = []
+        for descriptor in image.layers:
+            report = {"digest": descriptor.digest, "media_type": descriptor.media_type,
+                      "annotations": dict(descriptor.annotations or {})}
+            report.update(_layer_report(image.blob_path(descriptor)))
+            layers.append(report)
+        return {"kind": "image", "path": target, "tag": image.tag,
+                "manifest_digest": image.manifest_descriptor.digest, "layers": layers}
+
+
+def _open_image_or_none(target: str):
+    """An OCI image (layout dir or oci-archive, with optional :TAG or @DIGEST), or None for a
+    lone blob: a file that ends with a seekable-layer footer."""
+    if os.path.isfile(target) and _has_footer(target):
+        return None
+    return oci_layout.open_image(target)
+
+
+def _has_footer(path: str) -> bool:
+    with LocalBlob(path) as blob:
+        tail = blob.read_at(max(0, blob.size - FOOTER_SIZE), min(blob.size, FOOTER_SIZE))
+    try:
+        parse_footer(tail)
+    except FormatError:
+        return False
+    return True
+
+
+def _layer_checks(image) -> Iterator[tuple[LayerCheck, str]]:
+    """What the manifest and config pin for each layer, with the layer's local path."""
+    diff_ids = oci.config_diff_ids(image.config)
+    for descriptor, diff_id in zip(image.layers, diff_ids):
+        annotations = descriptor.annotations or {}
+        toc_digest = annotations.get(oci.ANNOTATION_TOC_DIGEST)
+        if not toc_digest:
+            raise VerificationError(f"layer {descriptor.digest} has no {oci.ANNOTATION_TOC_DIGEST} "
+                                    "annotation: its TOC is not pinned")
+        size = annotations.get(oci.ANNOTATION_UNCOMPRESSED_SIZE)
+        yield (LayerCheck(toc_digest=toc_digest, blob_digest=descriptor.digest, diff_id=diff_id,
+                          uncompressed_size=int(size) if size and size.isdigit() else None),
+               image.blob_path(descriptor))
+
+
+def print_report(report: dict, out: TextIO) -> None:
+    if report["kind"] == "image":
+        print(f"image {report['path']}  tag {report.get('tag') or '-'}  manifest "
+              f"{report['manifest_digest']}", file=out)
+    for number, layer in enumerate(report["layers"], 1):
+        title = layer.get("digest", os.path.basename(report["path"]))
+        print(f"layer {number}: {title}", file=out)
+        print(f"  format {layer['format']}, {layer['blob_size']} bytes, {layer['entry_count']} "
+              f"entries, {layer['chunk_count']} chunks, {layer['file_bytes']} bytes of files", file=out)
+        print(f"  TOC {layer['toc_digest']} at offset {layer['toc_offset']} "
+              f"({layer['toc_size']} bytes compressed)", file=out)
+        for entry in layer["entries"]:
+            size = entry.get("size", 0)
+            link = f" -> {entry['linkName']}" if entry.get("linkName") else ""
+            print(f"  {entry['type']:8} {entry.get('mode', 0):06o} {size:>12} "
+                  f"{len(entry['chunks']):>4}  {entry['name']}{link}", file=out)
+
+
+def verify_target(target: str, toc_digest: str | None) -> Iterator[str]:
+    """Verify every layer, yielding one line per verified layer; raises on the first failure."""
+    image = _open_image_or_none(target)
+    if image is None:
+        report = verify_layer(target, LayerCheck(toc_digest=toc_digest))
+        pinned = "pinned" if toc_digest else "NOT pinned (pass --toc-digest to check it)"
+        yield (f"ok {target}: {report.entries} entries, {report.chunks} chunks verified, "
+               f"TOC {report.toc_digest} {pinned}")
+        return
+    with image:
+        for number, (check, blob_path) in enumerate(_layer_checks(image), 1):
+            report = verify_layer(blob_path, check)
+            yield (f"ok layer {number} {check.blob_digest}: {report.entries} entries, "
+                   f"{report.chunks} chunks, TOC {report.toc_digest} pinned")
+        yield f"ok image {target}: manifest {image.manifest_descriptor.digest}"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install lazyfs and everything its tests use on a fresh Debian (bookworm) machine, then run the
+# main job on built-in defaults. Safe to run again: every step skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# fuse3/libfuse3-dev: pyfuse3 builds against libfuse3. golang + the Debian estargz sources: the
+# interoperability tests build the reference implementation. skopeo/umoci: the image tests make
+# real docker-archive and oci-archive inputs with them.
+APT_PACKAGES="python3 python3-venv python3-dev gcc pkg-config tar gzip zstd fuse3 libfuse3-dev
+  golang-go golang-github-containerd-stargz-snapshotter-dev skopeo umoci"
+missing=$(for p in $APT_PACKAGES; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
+if [ -n "$missing" ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+
+if [ "${1:-}" != "--install-only" ]; then
+  .venv/bin/lazyfs demo
+fi
