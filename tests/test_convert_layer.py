@@ -248,3 +248,23 @@ def test_verify_rejects_a_file_that_is_not_estargz(tmp_path):
     plain_gz.write_bytes(gzip.compress(src.read_bytes()))
     with pytest.raises(FormatError, match="no eStargz footer"):
         verify_layer(str(plain_gz), LayerCheck())
+
+
+@pytest.mark.parametrize("tar_format", ["gnu", "posix"])
+def test_sparse_files_become_dense_regular_files(tmp_path, tar_format):
+    """GNU tar stores sparse files specially; the layer must hold their real bytes."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with open(tree / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(3 * CHUNK)
+        f.write(b"middle")
+        f.truncate(5 * CHUNK)
+    src = tmp_path / "sparse.tar"
+    import subprocess
+    subprocess.run(["tar", "-cf", str(src), "--sparse", f"--format={tar_format}", "-C", str(tree), "sparse"],
+                   check=True)
+    out, result = convert(tmp_path, src)
+    extracted = extract(out, tmp_path / "b", gzip=True)
+    assert (extracted / "sparse").read_bytes() == (tree / "sparse").read_bytes()
+    verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest))
