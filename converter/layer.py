@@ -221,7 +221,8 @@ def _name_if_changed(last: dict[int, str], owner_id: int, name: str) -> str:
 def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     codec = GzipCodec(options.compression_level)
     segmenter = _Segmenter(tar_file, tar, options.chunk_size)
-    workers = options.workers or os.cpu_count() or 1
+    # The cores this process may run on (taskset, cgroups), not every core of the machine.
+    workers = options.workers or len(os.sched_getaffinity(0))
     blob_hash, diff_hash = hashlib.sha256(), hashlib.sha256()
     blob_offset = uncompressed_size = 0
 
