@@ -72,13 +72,13 @@ def plain_tar(path: str, temp_dir: str | None = None) -> Iterator[str]:
     fd, temp_path = tempfile.mkstemp(prefix="lazyfs-layer-", suffix=".tar", dir=temp_dir)
     try:
         with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-            _inflate(kind, src, dst)
+            inflate(kind, src, dst)
         yield temp_path
     finally:
         os.unlink(temp_path)
 
 
-def _inflate(kind: str, src: BinaryIO, dst: BinaryIO) -> None:
+def inflate(kind: str, src: BinaryIO, dst: BinaryIO) -> None:
     try:
         if kind == "gzip":
             # gzip.GzipFile reads every member of a multi-member stream (eStargz input included).

@@ -89,8 +89,11 @@ def _layer_checks(image) -> Iterator[tuple[LayerCheck, str]]:
             raise VerificationError(f"layer {descriptor.digest} has no {oci.ANNOTATION_TOC_DIGEST} "
                                     "annotation: its TOC is not pinned")
         size = annotations.get(oci.ANNOTATION_UNCOMPRESSED_SIZE)
+        if size is not None and not (size.isascii() and size.isdigit()):
+            raise FormatError(f"layer {descriptor.digest}: {oci.ANNOTATION_UNCOMPRESSED_SIZE} "
+                              f"is not a decimal size: {size[:40]!r}")
         yield (LayerCheck(toc_digest=toc_digest, blob_digest=descriptor.digest, diff_id=diff_id,
-                          uncompressed_size=int(size) if size and size.isdigit() else None),
+                          uncompressed_size=None if size is None else int(size)),
                image.blob_path(descriptor))
 
 

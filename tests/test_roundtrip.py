@@ -50,11 +50,11 @@ modes = st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o2711, 0o1777, 0o400])
 
 @st.composite
 def trees(draw):
-    members, files, seen = [], [], set()
+    members, files, seen, leaves = [], [], set(), set()
     for path in draw(st.lists(paths, min_size=1, max_size=14, unique=True)):
         parts = path.split("/")
-        if any("/".join(parts[:i]) in files for i in range(1, len(parts))):
-            continue  # a file cannot also be a parent directory
+        if any("/".join(parts[:i]) in leaves for i in range(1, len(parts))):
+            continue  # a file, link or device cannot also be a parent directory
         for i in range(1, len(parts)):
             parent = "/".join(parts[:i])
             if parent not in seen:
@@ -63,6 +63,7 @@ def trees(draw):
         if path in seen:
             continue
         seen.add(path)
+        leaves.add(path)
         uid, gid, uname, gname = draw(owners)
         common = dict(uid=uid, gid=gid, uname=uname, gname=gname, mtime=draw(st.integers(1, 2**33)))
         kind = draw(st.sampled_from(["file", "file", "file", "empty", "symlink", "hardlink", "char", "block", "fifo"]))
