@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import hashlib
+import io
 import os
 import tarfile
 from collections.abc import Iterator
@@ -147,10 +148,14 @@ class _Segmenter:
                 yield self._cut()
             return
         if synthetic_payload is not None:
-            payload = _BytesReader(synthetic_payload)
+            payload = io.BytesIO(synthetic_payload)
         else:
             payload = payload_reader(self.tar, member)
-        file_entry = entry
+        yield from self._payload(info, entry, payload)
+
+    def _payload(self, info: tarfile.TarInfo, file_entry: TOCEntry, payload) -> Iterator[_Segment]:
+        """Cut a regular file's payload into chunks, each the start of a new segment."""
+        entry = file_entry
         file_digest = hashlib.sha256()
         file_offset = 0
         while file_offset < info.size:
@@ -163,7 +168,7 @@ class _Segmenter:
             # chunkSize 0 means "to the end of the file": written only for non-final chunks.
             entry.chunk_size = length if file_offset + length < info.size else 0
             entry.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            yield self._cut()  # the chunk starts a new member
+            yield self._cut()
             self._pending += data
             self._pending_entries.append(entry)
             self.entries.append(entry)
@@ -191,17 +196,6 @@ class _Segmenter:
         elif toc_type in ("char", "block"):
             entry.dev_major, entry.dev_minor = info.devmajor, info.devminor
         return entry
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self._data = data
-        self._pos = 0
-
-    def read(self, length: int) -> bytes:
-        chunk = self._data[self._pos:self._pos + length]
-        self._pos += len(chunk)
-        return chunk
 
 
 def _name_if_changed(last: dict[int, str], owner_id: int, name: str) -> str:
