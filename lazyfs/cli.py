@@ -63,10 +63,117 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="pin a lone blob's TOC digest (images pin it in the manifest)")
     verify.set_defaults(run=_cmd_verify)
 
+    mount = commands.add_parser(
+        "mount", help="mount a seekable image read-only, fetching chunks on demand",
+        description="Mount an eStargz blob (path or http(s) URL) or an OCI image (layout "
+                    "DIR[:TAG|@DIGEST], oci-archive, or a layout on a web server: "
+                    "https://host/path/layout:TAG). Returns once the mount is ready.")
+    mount.add_argument("image")
+    mount.add_argument("mountpoint")
+    _add_mount_options(mount)
+    mount.add_argument("--foreground", action="store_true", help="stay attached (do not daemonize)")
+    mount.add_argument("--log-file", help="where the background daemon logs (default: nowhere)")
+    mount.set_defaults(run=_cmd_mount)
+
+    run = commands.add_parser(
+        "run", help="run a program from a lazily mounted image: lazyfs run IMAGE -- CMD ARGS...",
+        description="Mount IMAGE, put a writable overlay on top, provide /proc, /dev and /sys, "
+                    "and run CMD chrooted into it in a private mount namespace; its output "
+                    "streams through and its exit status is returned. Everything is cleaned up.")
+    run.add_argument("image")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    _add_mount_options(run)
+    run.set_defaults(run=_cmd_run)
+
+    umount = commands.add_parser("umount", help="unmount (also clears the mount of a dead daemon)")
+    umount.add_argument("mountpoint")
+    umount.set_defaults(run=_cmd_umount)
+
+    stats = commands.add_parser("stats", help="per-layer fetch and cache figures of a running mount")
+    stats.add_argument("mountpoint")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.set_defaults(run=_cmd_stats)
+
     demo = commands.add_parser("demo", help="run the main job end to end on a built-in sample")
     demo.add_argument("--workdir", help="where to put the sample and its outputs (default: a temp dir)")
     demo.set_defaults(run=_cmd_demo)
     return parser
+
+
+def _size(text: str) -> int:
+    """A byte size: plain bytes or with a K/M/G/T suffix (powers of 1024)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 500M, 10G)") from None
+
+
+def _header(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"a header is NAME:VALUE, not {text!r}")
+    return name.strip(), value.strip()
+
+
+def _add_mount_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--toc-digest", metavar="DIGEST",
+                        help="pin a lone blob's TOC digest (images pin it in the manifest)")
+    parser.add_argument("--insecure-skip-verify", action="store_true",
+                        help="mount a lone blob with no pinned TOC digest (reported by stats)")
+    parser.add_argument("--cache-dir", help="chunk cache (default: /var/cache/lazyfs for root, "
+                                            "else $XDG_CACHE_HOME/lazyfs)")
+    parser.add_argument("--cache-size", type=_size, default="10G", metavar="SIZE",
+                        help="cache bound, least recently used chunks evicted (default 10G)")
+    parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
+                        help="HTTP header sent with every request (repeatable)")
+    parser.add_argument("--ca-cert", help="CA bundle for https sources")
+
+
+def _mount_options(args):
+    from lazyfs.mount import MountOptions
+
+    return MountOptions(toc_digest=args.toc_digest, insecure=args.insecure_skip_verify,
+                        cache_dir=args.cache_dir, cache_bytes=args.cache_size,
+                        foreground=getattr(args, "foreground", False),
+                        log_file=getattr(args, "log_file", None), headers=dict(args.header),
+                        ca_cert=args.ca_cert)
+
+
+def _cmd_mount(args) -> int:
+    from lazyfs.mount import mount
+
+    return mount(args.image, args.mountpoint, _mount_options(args))
+
+
+def _cmd_run(args) -> int:
+    from lazyfs.run import run
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(args.image, command, _mount_options(args))
+
+
+def _cmd_umount(args) -> int:
+    from lazyfs.mount import umount
+
+    return umount(args.mountpoint)
+
+
+def _cmd_stats(args) -> int:
+    from lazyfs import stats
+
+    report = stats.read_stats(args.mountpoint)
+    if args.json:
+        import json
+
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        stats.print_stats(report, sys.stdout)
+    return 0
 
 
 def _read_prioritized(path: str | None) -> tuple[str, ...]:

@@ -103,6 +103,14 @@ class LocalBlobs:
             self._verified.add(desc.digest)
         return path
 
+    def unverified_path(self, desc: Descriptor) -> str:
+        """The local path of a blob whose content the caller verifies piece by piece.
+
+        For seekable layers being mounted: hashing a whole layer up front would defeat lazy
+        loading, and each chunk is checked against the TOC, which the manifest pins.
+        """
+        return self._locate(oci.check_digest(desc.digest, "blob"))
+
     def read(self, desc: Descriptor, max_size: int = MAX_JSON_BYTES) -> bytes:
         """The verified bytes of a small blob (a JSON document)."""
         if desc.size > max_size:
@@ -243,7 +251,7 @@ def open_oci_layout(reference: Reference, *, platform: Platform | None = None) -
 
     oci.parse_oci_layout(read("oci-layout"), f"{root}: oci-layout")
     index = oci.parse_index(read("index.json"), f"{root}: index.json")
-    return _resolve(LocalBlobs(locate), index, reference, platform)
+    return resolve_in_index(LocalBlobs(locate), index, reference, platform)
 
 
 def open_oci_archive(reference: Reference, *, platform: Platform | None = None,
@@ -265,7 +273,7 @@ def open_oci_archive(reference: Reference, *, platform: Platform | None = None,
         raise
     blobs = LocalBlobs(lambda digest: archive.extract(oci.blob_relpath(digest)),
                        cleanup=archive.close)
-    return _resolve(blobs, index, reference, platform)
+    return resolve_in_index(blobs, index, reference, platform)
 
 
 # --- Archives ----------------------------------------------------------------------------------
@@ -369,8 +377,8 @@ def _read_capped(f: Any, where: str, max_size: int = MAX_JSON_BYTES) -> bytes:
 
 # --- Choosing the manifest ---------------------------------------------------------------------
 
-def _resolve(blobs: LocalBlobs, index: oci.Index, reference: Reference,
-             platform: Platform | None) -> ImageSource:
+def resolve_in_index(blobs: LocalBlobs, index: oci.Index, reference: Reference,
+                     platform: Platform | None) -> ImageSource:
     name = reference.path
     try:
         if reference.digest is not None:

@@ -1,0 +1,181 @@
+"""The mount daemon's life: resolve, open layers, build the tree, serve FUSE, unmount cleanly.
+
+`lazyfs mount` returns once the mount is ready, leaving the daemon in the background. The
+parent forks before anything else happens (no threads exist yet, so forking is safe), and the
+child reports back through a pipe: "ok" once the filesystem is mounted, or the one-line error
+and exit code that stopped it. So every error of resolving and opening the image is printed by
+the command the user ran, with its exit code, exactly as in the foreground.
+
+SIGTERM and SIGINT end the daemon with a clean unmount. A daemon that died anyway leaves a
+mount whose every access fails with ENOTCONN; `lazyfs umount` clears it (lazy unmount).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+
+from lazyfs.errors import LazyfsError, NotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 10 << 30
+
+
+@dataclass
+class MountOptions:
+    toc_digest: str | None = None
+    insecure: bool = False
+    cache_dir: str | None = None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    foreground: bool = False
+    log_file: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    ca_cert: str | None = None
+
+
+def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False) -> int:
+    if not os.path.isdir(mountpoint):
+        raise NotFound(f"mountpoint {mountpoint} is not a directory")
+    if options.foreground:
+        return _serve(ref, mountpoint, options, ready_fd=None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        _detach_stdio(options.log_file)
+        code = 1
+        try:
+            code = _serve(ref, mountpoint, options, ready_fd=write_fd)
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace")
+    if message.startswith("ok"):
+        if not quiet:
+            print(f"mounted {ref} at {mountpoint} (daemon pid {pid})", file=sys.stderr)
+        return 0
+    _, status = os.waitpid(pid, 0)
+    code, _, text = message.partition(" ")
+    print(text.strip() or f"lazyfs mount: the daemon exited with status {status}", file=sys.stderr)
+    return int(code) if code.isdigit() else 1
+
+
+def _detach_stdio(log_file: str | None) -> None:
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    target = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log_file else devnull
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+
+
+def _report(ready_fd: int | None, message: str) -> None:
+    if ready_fd is not None:
+        os.write(ready_fd, message.encode())
+        os.close(ready_fd)
+
+
+def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None) -> int:
+    import pyfuse3
+    import trio
+
+    try:
+        session = open_session(ref, options)
+    except LazyfsError as exc:
+        _report(ready_fd, f"{exc.exit_code} lazyfs mount: error: {exc}")
+        if ready_fd is None:
+            raise
+        return exc.exit_code
+    except BaseException as exc:
+        _report(ready_fd, f"1 lazyfs mount: unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    try:
+        fuse_options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
+        if os.geteuid() == 0:
+            fuse_options.add("allow_other")  # containers run as other users
+        try:
+            pyfuse3.init(session.fs, mountpoint, fuse_options)
+        except RuntimeError as exc:
+            _report(ready_fd, f"1 lazyfs mount: error: cannot mount at {mountpoint}: {exc}")
+            return 1
+        _report(ready_fd, "ok")
+        try:
+            trio.run(_main)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        session.close()
+    return 0
+
+
+async def _main() -> None:
+    import pyfuse3
+    import trio
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_terminate_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _terminate_on_signal() -> None:
+    import pyfuse3
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            pyfuse3.terminate()
+            return
+
+
+@dataclass
+class Session:
+    fs: object
+    close: object
+
+
+def open_session(ref: str, options: MountOptions) -> Session:
+    """Everything a mount serves, ready before the kernel sees it: errors surface here."""
+    from lazyfs.cache import ChunkCache, default_cache_dir
+    from lazyfs.fetch import ChunkFetcher
+    from lazyfs.fs import LazyFS
+    from lazyfs.image import SourceOptions, resolve_mount_image
+    from lazyfs.layer import open_layer
+    from lazyfs.tree import build_tree
+
+    image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
+                                sources=SourceOptions(headers=options.headers or None,
+                                                      ca_cert=options.ca_cert))
+    try:
+        cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
+        layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]
+        tree = build_tree([layer.entries for layer in layers])
+        for warning in tree.warnings:
+            log.warning("%s", warning)
+        fetcher = ChunkFetcher(layers, cache)
+        description = {**image.description, "cache_dir": cache.root, "entries": tree.entry_count}
+        if not description.get("verified"):
+            description["warning"] = "INSECURE: TOC not verified (--insecure-skip-verify)"
+            log.warning("%s: %s", ref, description["warning"])
+        return Session(LazyFS(tree, layers, fetcher, description=description), image.close)
+    except BaseException:
+        image.close()
+        raise
+
+
+def umount(mountpoint: str) -> int:
+    """Unmount; a mount whose daemon died (ENOTCONN) is detached lazily."""
+    mountpoint = os.path.abspath(mountpoint)
+    first = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if first.returncode == 0:
+        return 0
+    lazy = subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True, text=True)
+    if lazy.returncode == 0:
+        return 0
+    raise LazyfsError(f"cannot unmount {mountpoint}: {first.stderr.strip() or lazy.stderr.strip()}")
