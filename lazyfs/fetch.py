@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from lazyfs.errors import LazyfsError, VerificationError
+from lazyfs.errors import CacheError, LazyfsError, VerificationError
 from lazyfs.format.toc import Chunk
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class ChunkFetcher:
         self._memory = _MemoryLRU(memory_bytes)
         self._flights: dict[object, _Flight] = {}
         self._limiter = trio.CapacityLimiter(parallel_fetches)
+        self.cache_errors = 0
 
     async def read(self, layer, chunks: list[Chunk], file_offset: int, size: int) -> bytes:
         """`size` bytes of a file from `file_offset` (fewer at the end of the file)."""
@@ -158,13 +159,23 @@ class ChunkFetcher:
                 raise VerificationError(
                     f"{layer.spec.label}: chunk at blob offset {chunk.blob_offset} has digest "
                     f"{actual}, the TOC says {chunk.digest}")
-            if self.cache is not None:
-                self.cache.put(chunk.digest, data)
+            self._store(chunk.digest, data)
         elif layer.verified:
             # A verified layer without a chunk digest cannot be served: that is the rule.
             raise VerificationError(f"{layer.spec.label}: chunk at blob offset "
                                     f"{chunk.blob_offset} has no digest in the TOC")
         return data, length
+
+    def _store(self, digest: str, data: bytes) -> None:
+        """Cache a verified chunk. A cache that cannot store (full disk) costs a refetch later,
+        not this read: the bytes in hand are verified, so they are still served."""
+        if self.cache is None:
+            return
+        try:
+            self.cache.put(digest, data)
+        except CacheError as exc:
+            self.cache_errors += 1
+            log.warning("could not cache chunk %s: %s", digest, exc)
 
     def stats_json(self) -> list[dict]:
         return [s.as_json(getattr(layer.source, "requests", 0))

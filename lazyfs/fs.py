@@ -32,6 +32,11 @@ NAME_MAX = 255  # overlayfs refuses a lower layer whose statfs reports no name l
 # Reading this extended attribute of the mount's root returns the live statistics as JSON;
 # it is not listed by listxattr, so it does not show up in the image's own attributes.
 STATS_XATTR = stats.STATS_XATTR.encode()
+# Entries fetched from the tree per readdir call: the kernel's buffer holds a few dozen to a
+# few hundred, so a bounded batch keeps listing a huge directory linear.
+_READDIR_BATCH = 512
+# uid/gid beyond 32 bits cannot be expressed to the kernel: show them as "nobody".
+_NOBODY_ID = 65534
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
 
@@ -86,8 +91,8 @@ class LazyFS(pyfuse3.Operations):
         attrs.st_ino = node.inode
         attrs.st_mode = node.mode
         attrs.st_nlink = node.nlink
-        attrs.st_uid = node.uid
-        attrs.st_gid = node.gid
+        attrs.st_uid = node.uid if node.uid < 1 << 32 else _NOBODY_ID
+        attrs.st_gid = node.gid if node.gid < 1 << 32 else _NOBODY_ID
         attrs.st_rdev = node.rdev
         attrs.st_size = node.size
         attrs.st_blksize = BLOCK_SIZE
@@ -128,7 +133,7 @@ class LazyFS(pyfuse3.Operations):
 
     @_boundary
     async def readdir(self, fh, start_id, token):
-        for name, node, next_id in self.tree.children_from(fh, start_id):
+        for name, node, next_id in self.tree.children_from(fh, start_id, limit=_READDIR_BATCH):
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), next_id):
                 break
 

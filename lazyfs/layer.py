@@ -69,8 +69,9 @@ def open_layer(index: int, spec: LayerSpec, cache) -> Layer:
                           f"outside the blob's {toc_end} payload bytes")
     if footer.toc_blob_offset >= tail_offset:
         member = tail[footer.toc_blob_offset - tail_offset:toc_end - tail_offset]
-    else:
-        member = spec.source.read(footer.toc_blob_offset, toc_end - footer.toc_blob_offset)
+    else:  # a big TOC: fetch just the part the tail read missed
+        head = spec.source.read(footer.toc_blob_offset, tail_offset - footer.toc_blob_offset)
+        member = head + tail[:toc_end - tail_offset]
     toc, toc_digest = read_toc_member(member)
     if spec.toc_digest and toc_digest != spec.toc_digest:
         raise VerificationError(f"{spec.label}: TOC digest is {toc_digest}, but "

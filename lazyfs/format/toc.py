@@ -178,7 +178,7 @@ def _check_value(index: int, wire: str, kind: str, value: object):
 # Resolution: from the flat entry list to files with chunk lists.
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     """One independently compressed piece of a regular file."""
 

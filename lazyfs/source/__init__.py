@@ -1,0 +1,72 @@
+"""Byte-range sources: where the bytes of one blob come from.
+
+The fetcher above only needs "something that knows its size and reads exactly N bytes at an
+offset", so that is the whole interface. Every method blocks and may be called from several
+worker threads at once (the trio fetcher runs them via `trio.to_thread.run_sync`). Sources do not
+retry: the fetcher owns retries, and a source only says whether retrying could help
+(`FetchError.retriable`).
+
+Errors a source raises: NotFound (the blob is not there), FetchError (could not deliver, with
+`.retriable`), RangeNotSupported (the server cannot serve byte ranges, so lazy reads are
+impossible from it). Programming errors (negative offsets) are ValueError.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+from lazyfs.errors import FetchError
+
+
+class BlobSource(Protocol):
+    # Number of requests (HTTP) or preads (file) made so far; tests and `lazyfs stats` read it.
+    requests: int
+
+    def size(self) -> int:
+        """Total blob size in bytes; the first call may ask the server, later calls do not."""
+        ...
+
+    def read(self, blob_offset: int, length: int) -> bytes:
+        """Exactly `length` bytes at `blob_offset`, or an error. Zero-length reads cost nothing."""
+        ...
+
+    def describe(self) -> str:
+        """Where the blob is, for messages; never contains credentials."""
+        ...
+
+    def close(self) -> None:
+        """Release file descriptors and pooled connections."""
+        ...
+
+
+def check_range(blob_offset: int, length: int) -> None:
+    """Negative offsets or lengths are the caller's bug, not a fetch failure."""
+    if blob_offset < 0 or length < 0:
+        raise ValueError(f"bad range: {length} bytes at {blob_offset}")
+
+
+def open_source(location: str, *, headers: dict[str, str] | None = None,
+                ca_cert: str | None = None, timeout: float = 30) -> BlobSource:
+    """A source for a plain path, a file:// URL, or an http(s):// URL.
+
+    Only strings with "://" are URLs, so a path that happens to contain a colon stays a path.
+    `headers`, `ca_cert` and `timeout` apply to HTTP only.
+    """
+    if "://" not in location:
+        from lazyfs.source.file import FileSource
+        return FileSource(location)
+    parts = urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme == "file":
+        # file:///abs/path and file://localhost/abs/path; a remote host cannot be opened locally.
+        if parts.netloc not in ("", "localhost"):
+            raise FetchError(f"file URL with a remote host is not supported: {parts.netloc}")
+        from lazyfs.source.file import FileSource
+        return FileSource(unquote(parts.path))
+    if scheme in ("http", "https"):
+        # Imported here so that file-only users (inspect, verify) never import requests.
+        from lazyfs.source.http import HttpSource
+        return HttpSource(location, headers=headers, ca_cert=ca_cert, timeout=timeout)
+    raise FetchError(f"unsupported source scheme {scheme!r} (expected a path, file://, "
+                     "http:// or https://)")

@@ -1,0 +1,136 @@
+"""The fetcher alone, over a recording source: single flight, caching, verification."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+
+from converter.layer import LayerOptions, convert_layer
+from lazyfs.cache import ChunkCache
+from lazyfs.errors import FormatError, VerificationError
+from lazyfs.fetch import ChunkFetcher
+from lazyfs.format.codec import GzipCodec
+from lazyfs.layer import LayerSpec, open_layer
+from tests.tarbuild import file_, tar_of
+
+CHUNK = 64 * 1024
+
+
+class RecordingSource:
+    """A blob in memory that logs every read and can be made to return forged bytes."""
+
+    def __init__(self, data: bytes):
+        self.data = bytearray(data)
+        self.reads: list[tuple[int, int]] = []
+        self.requests = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def read(self, blob_offset: int, length: int) -> bytes:
+        self.gate.wait(10)
+        self.reads.append((blob_offset, length))
+        self.requests += 1
+        return bytes(self.data[blob_offset:blob_offset + length])
+
+    def describe(self) -> str:
+        return "memory"
+
+
+@pytest.fixture
+def layer_setup(tmp_path):
+    content = {f"f{i}": os.urandom(CHUNK * 2 + i) for i in range(3)}
+    src = tar_of(tmp_path, *(file_(name, data) for name, data in content.items()))
+    out = tmp_path / "layer.esgz"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, compression_level=0))
+    source = RecordingSource(out.read_bytes())
+    cache = ChunkCache(str(tmp_path / "cache"))
+    layer = open_layer(0, LayerSpec(source, result.toc_digest, "test"), cache)
+    files = {item.path: item for item in layer.entries}
+    return source, cache, layer, files, content
+
+
+def read(fetcher, layer, item, offset, size):
+    return trio.run(fetcher.read, layer, item.chunks, offset, size)
+
+
+def test_reads_fetch_only_the_chunks_they_touch(layer_setup):
+    source, cache, layer, files, content = layer_setup
+    source.reads.clear()
+    fetcher = ChunkFetcher([layer], cache)
+    item = files["f1"]
+    assert read(fetcher, layer, item, CHUNK + 5, 100) == content["f1"][CHUNK + 5:CHUNK + 105]
+    chunk = item.chunks[1]
+    assert source.reads == [(chunk.blob_offset, chunk.blob_end - chunk.blob_offset)]
+    # Again: from memory, no request.
+    assert read(fetcher, layer, item, CHUNK, 10) == content["f1"][CHUNK:CHUNK + 10]
+    assert len(source.reads) == 1
+    # A new fetcher (a remount) with the same disk cache: still no request.
+    assert read(ChunkFetcher([layer], cache), layer, item, CHUNK, 10) == content["f1"][CHUNK:CHUNK + 10]
+    assert len(source.reads) == 1
+    # A read across all chunks of a file returns exactly the file.
+    assert read(fetcher, layer, files["f2"], 0, 10 * CHUNK) == content["f2"]
+
+
+def test_concurrent_readers_of_one_chunk_share_one_fetch(layer_setup):
+    source, cache, layer, files, content = layer_setup
+    source.reads.clear()
+    fetcher = ChunkFetcher([layer], cache)
+    item = files["f0"]
+    results = []
+
+    async def reader():
+        results.append(await fetcher.read(layer, item.chunks, 0, 1000))
+
+    async def main():
+        source.gate.clear()  # hold the first fetch so that the others pile up behind it
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(reader)
+            await trio.sleep(0.2)
+            source.gate.set()
+
+    trio.run(main)
+    assert results == [content["f0"][:1000]] * 10
+    assert len(source.reads) == 1
+
+
+def test_forged_chunk_bytes_are_refused_and_not_cached(layer_setup):
+    source, cache, layer, files, content = layer_setup
+    chunk = files["f0"].chunks[0]
+    member = bytes(source.data[chunk.blob_offset:chunk.blob_end])
+    # A perfectly valid gzip member (CRC and all) of the same length with other content: only
+    # the chunk digest can tell.
+    forged = GzipCodec(0).compress(b"X" * chunk.size)
+    assert len(forged) == len(member)
+    source.data[chunk.blob_offset:chunk.blob_end] = forged
+    fetcher = ChunkFetcher([layer], cache)
+    with pytest.raises(VerificationError):
+        read(fetcher, layer, files["f0"], 0, 10)
+    assert not cache.contains(chunk.digest)
+    assert "VerificationError" in fetcher.stats[0].last_error
+    # The failure is not sticky: once the source is right again, the read succeeds.
+    source.data[chunk.blob_offset:chunk.blob_end] = member
+    assert read(fetcher, layer, files["f0"], 0, 10) == content["f0"][:10]
+
+
+def test_a_garbled_member_is_a_format_error(layer_setup):
+    source, cache, layer, files, _ = layer_setup
+    chunk = files["f2"].chunks[0]
+    source.data[chunk.blob_offset:chunk.blob_offset + 4] = b"\0\0\0\0"
+    with pytest.raises(FormatError):
+        read(ChunkFetcher([layer], cache), layer, files["f2"], 0, 10)
+
+
+def test_toc_is_cached_and_checked(layer_setup, tmp_path):
+    source, cache, layer, _, _ = layer_setup
+    source.reads.clear()
+    again = open_layer(0, LayerSpec(source, layer.toc_digest, "test"), cache)
+    assert source.reads == [] and len(again.entries) == len(layer.entries)
+    with pytest.raises(VerificationError, match="pinned"):
+        open_layer(0, LayerSpec(source, "sha256:" + "0" * 64, "test"), ChunkCache(str(tmp_path / "c2")))

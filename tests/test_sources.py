@@ -1,0 +1,404 @@
+"""Byte-range sources (lazyfs.source): one conformance suite over every source, then the HTTP
+source against misbehaving servers.
+
+The HTTP side runs against a real nginx on loopback (tests/servers.py), and its access log
+proves what went over the wire: one request per read, with the exact Range asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from lazyfs.errors import FetchError, NotFound, RangeNotSupported
+from lazyfs.source import open_source
+from lazyfs.source.file import FileSource
+from lazyfs.source.http import HttpSource, fetch_all, redact_url
+from tests.servers import (NginxServer, NoHeadServer, NoRangeServer, PyHttpServer,
+                           ShortBodyServer, SilentServer, WrongContentRangeServer, free_port,
+                           make_tls_files, nginx_missing_reason)
+
+BLOB = random.Random(0).randbytes(1024 * 1024 + 123)  # not a multiple of any block size
+
+
+# --- conformance: every source behaves the same ---------------------------------------------
+
+@pytest.fixture(params=["file", "http"])
+def make_source(request, tmp_path):
+    """make_source(data, name="blob") -> an open source over those bytes; closed at teardown."""
+    opened = []
+    if request.param == "http":
+        server = request.getfixturevalue("nginx")
+        root, base = server.root, server.url + "/"
+    else:
+        root, base = tmp_path, str(tmp_path) + "/"
+
+    def make(data: bytes = BLOB, name: str = "blob"):
+        (root / name).write_bytes(data)
+        source = open_source(base + name)
+        opened.append(source)
+        return source
+
+    yield make
+    for source in opened:
+        source.close()
+
+
+def test_size(make_source):
+    source = make_source()
+    assert source.size() == len(BLOB)
+    assert source.size() == len(BLOB)
+
+
+def test_reads_at_random_offsets(make_source):
+    source = make_source()
+    rng = random.Random(1)
+    for _ in range(50):
+        length = rng.choice([1, 2, 511, 4096, 65_537, 300_000])
+        blob_offset = rng.randrange(0, len(BLOB) - length + 1)
+        assert source.read(blob_offset, length) == BLOB[blob_offset:blob_offset + length]
+
+
+def test_whole_blob_in_one_read(make_source):
+    assert make_source().read(0, len(BLOB)) == BLOB
+
+
+def test_zero_length_read_costs_nothing(make_source):
+    source = make_source()
+    before = source.requests
+    assert source.read(1000, 0) == b""
+    assert source.requests == before
+
+
+def test_read_at_the_very_end(make_source):
+    source = make_source()
+    assert source.read(len(BLOB) - 1, 1) == BLOB[-1:]
+    assert source.read(len(BLOB) - 10, 10) == BLOB[-10:]
+
+
+@pytest.mark.parametrize("blob_offset, length", [
+    (len(BLOB) - 5, 10),    # starts inside, ends outside
+    (len(BLOB), 1),         # starts right at the end
+    (len(BLOB) + 100, 1),   # starts well past the end
+])
+def test_read_past_the_end_fails(make_source, blob_offset, length):
+    source = make_source()
+    with pytest.raises(FetchError, match="past the end") as info:
+        source.read(blob_offset, length)
+    assert not info.value.retriable
+    assert not isinstance(info.value, RangeNotSupported)  # the caller's range, not the server
+
+
+def test_negative_range_is_a_caller_bug(make_source):
+    source = make_source()
+    with pytest.raises(ValueError):
+        source.read(-1, 10)
+    with pytest.raises(ValueError):
+        source.read(0, -1)
+
+
+def test_concurrent_reads_from_8_threads(make_source):
+    source = make_source()
+    rng = random.Random(2)
+    ranges = [(offset, rng.randrange(1, 20_000))
+              for offset in (rng.randrange(0, len(BLOB) - 20_000) for _ in range(400))]
+    before = source.requests
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda r: source.read(*r), ranges))
+    for (blob_offset, length), data in zip(ranges, results):
+        assert data == BLOB[blob_offset:blob_offset + length]
+    assert source.requests - before == len(ranges)  # the counter lost no increments
+
+
+def test_request_counter_counts_reads(make_source):
+    source = make_source()
+    source.size()
+    before = source.requests
+    source.read(0, 100)
+    source.read(5000, 100)
+    assert source.requests == before + 2
+
+
+def test_empty_blob(make_source):
+    source = make_source(b"", name="empty")
+    assert source.size() == 0
+    assert source.read(0, 0) == b""
+    with pytest.raises(FetchError):
+        source.read(0, 1)
+
+
+def test_missing_blob_is_not_found(make_source, tmp_path):
+    source = make_source()
+    missing = source.describe().replace("blob", "missing")
+    with pytest.raises(NotFound):
+        with open_source(missing) as other:
+            other.size()
+
+
+def test_describe_names_the_blob(make_source):
+    assert make_source().describe().endswith("/blob")
+
+
+# --- open_source and the file source ---------------------------------------------------------
+
+def test_open_source_picks_the_source_by_location(tmp_path):
+    (tmp_path / "a:b").write_bytes(b"xyz")  # a colon does not make a path a URL
+    with open_source(str(tmp_path / "a:b")) as source:
+        assert isinstance(source, FileSource) and source.read(1, 2) == b"yz"
+    with open_source(f"file://{tmp_path}/a%3Ab") as source:
+        assert isinstance(source, FileSource) and source.read(0, 3) == b"xyz"
+    with open_source("http://127.0.0.1:1/blob") as source:
+        assert isinstance(source, HttpSource)
+    with pytest.raises(FetchError, match="unsupported source scheme 's3'"):
+        open_source("s3://bucket/blob")
+    with pytest.raises(FetchError, match="remote host"):
+        open_source("file://elsewhere/blob")
+
+
+def test_file_source_refuses_a_directory(tmp_path):
+    with pytest.raises(FetchError, match="directory"):
+        FileSource(str(tmp_path))
+
+
+def test_file_source_notices_truncation(tmp_path):
+    path = tmp_path / "blob"
+    path.write_bytes(BLOB)
+    with FileSource(str(path)) as source:
+        assert source.size() == len(BLOB)
+        os.truncate(path, 1000)
+        with pytest.raises(FetchError, match="truncated"):
+            source.read(900, 200)
+
+
+# --- HTTP against nginx: what goes over the wire --------------------------------------------
+
+@pytest.fixture
+def blob_url(nginx):
+    (nginx.root / "blob").write_bytes(BLOB)
+    return nginx.url + "/blob"
+
+
+def test_read_sends_exactly_one_request_with_the_range(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        nginx.clear_log()
+        assert source.read(1000, 4096) == BLOB[1000:5096]
+    [record] = nginx.requests()
+    assert (record.method, record.uri, record.status, record.range, record.body_bytes) == \
+        ("GET", "/blob", 206, "bytes=1000-5095", 4096)
+
+
+def test_size_is_one_head_then_cached(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        assert source.size() == len(BLOB)
+        assert source.size() == len(BLOB)
+    assert [(r.method, r.range) for r in nginx.requests()] == [("HEAD", "")]
+
+
+def test_size_is_learned_from_a_read(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        source.read(0, 10)
+        assert source.size() == len(BLOB)
+        assert source.requests == 1
+    assert [r.method for r in nginx.requests()] == ["GET"]
+
+
+def test_connections_are_kept_alive(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        source.size()
+        for i in range(5):
+            source.read(i * 1000, 1000)
+    assert len({record.connection for record in nginx.requests()}) == 1
+
+
+def test_custom_headers_reach_the_server(nginx, blob_url):
+    with open_source(blob_url, headers={"X-Lazyfs-Test": "token-123"}) as source:
+        source.size()
+        source.read(0, 1)
+    records = nginx.requests()
+    assert [r.method for r in records] == ["HEAD", "GET"]
+    assert all(r.headers["x-lazyfs-test"] == "token-123" for r in records)
+    assert all(r.headers["user-agent"] == "lazyfs" for r in records)
+
+
+def test_404_is_not_found(nginx):
+    with HttpSource(nginx.url + "/missing") as source:
+        with pytest.raises(NotFound):
+            source.size()
+        with pytest.raises(NotFound):
+            source.read(0, 10)
+
+
+def test_403_is_not_retriable(nginx):
+    (nginx.root / "dir").mkdir()  # no index, autoindex off: nginx answers 403
+    with HttpSource(nginx.url + "/dir/") as source:
+        with pytest.raises(FetchError, match="HTTP 403") as info:
+            source.read(0, 10)
+    assert not info.value.retriable
+
+
+def test_blob_changing_size_is_noticed(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        source.size()
+        (nginx.root / "blob").write_bytes(BLOB + b"more")
+        with pytest.raises(FetchError, match="changed size"):
+            source.read(0, 10)
+
+
+def test_fetch_all(nginx):
+    (nginx.root / "index.json").write_bytes(b'{"schemaVersion": 2}')
+    assert fetch_all(nginx.url + "/index.json") == b'{"schemaVersion": 2}'
+    with pytest.raises(NotFound):
+        fetch_all(nginx.url + "/missing.json")
+    with pytest.raises(FetchError, match="more than the 10 bytes"):
+        fetch_all(nginx.url + "/index.json", max_bytes=10)
+    assert [r.range for r in nginx.requests()] == ["", "", ""]
+
+
+# --- HTTP against misbehaving servers ---------------------------------------------------------
+
+@pytest.fixture
+def www(tmp_path):
+    root = tmp_path / "py-www"
+    root.mkdir()
+    (root / "blob").write_bytes(BLOB)
+    (root / "empty").write_bytes(b"")
+    return root
+
+
+def test_server_ignoring_range(www):
+    with NoRangeServer(www) as server, HttpSource(server.url + "/blob") as source:
+        assert source.size() == len(BLOB)  # HEAD is fine
+        with pytest.raises(RangeNotSupported, match="server ignored the Range header"):
+            source.read(10, 10)
+
+
+def test_wrong_content_range(www):
+    with WrongContentRangeServer(www) as server, HttpSource(server.url + "/blob") as source:
+        with pytest.raises(RangeNotSupported,
+                           match=r"asked for bytes=10-19, server answered Content-Range "
+                                 r"'bytes 11-20/"):
+            source.read(10, 10)
+
+
+def test_short_body_is_retriable(www):
+    with ShortBodyServer(www) as server, HttpSource(server.url + "/blob") as source:
+        with pytest.raises(FetchError, match=r"connection lost after \d+ bytes") as info:
+            source.read(0, 10_000)
+    assert info.value.retriable
+
+
+def test_size_falls_back_to_a_one_byte_range(www):
+    with NoHeadServer(www) as server:
+        with HttpSource(server.url + "/blob") as source:
+            assert source.size() == len(BLOB)
+        with HttpSource(server.url + "/empty") as source:
+            assert source.size() == 0
+        assert [(r.method, r.headers.get("Range")) for r in server.received] == \
+            [("HEAD", None), ("GET", "bytes=0-0")] * 2
+
+
+class _StatusServer(PyHttpServer):
+    status = 503
+
+    def send_range(self, handler, data, first, last):
+        self.send(handler, self.status, {}, b"try later\n")
+
+
+@pytest.mark.parametrize("status, retriable", [(500, True), (503, True), (429, True),
+                                               (408, True), (401, False), (400, False)])
+def test_status_codes_map_to_retriable(www, status, retriable):
+    server_class = type("S", (_StatusServer,), {"status": status})
+    with server_class(www) as server, HttpSource(server.url + "/blob") as source:
+        with pytest.raises(FetchError, match=f"HTTP {status}") as info:
+            source.read(0, 10)
+    assert info.value.retriable is retriable
+    assert not isinstance(info.value, NotFound)
+
+
+class _GzipServer(PyHttpServer):
+    def send_range(self, handler, data, first, last):
+        self.send(handler, 206, {"Content-Range": f"bytes {first}-{last}/{len(data)}",
+                                 "Content-Encoding": "gzip"}, data[first:last + 1])
+
+
+def test_compressed_range_is_refused(www):
+    with _GzipServer(www) as server, HttpSource(server.url + "/blob") as source:
+        with pytest.raises(FetchError, match="Content-Encoding 'gzip'"):
+            source.read(0, 10)
+
+
+class _NoLengthServer(PyHttpServer):
+    def send_whole(self, handler, data):
+        self.send(handler, 200, {}, data, content_length=-1)
+
+
+def test_fetch_all_caps_a_body_without_length(www):
+    with _NoLengthServer(www) as server:
+        assert fetch_all(server.url + "/blob") == BLOB
+        with pytest.raises(FetchError, match="more than the 1000 bytes allowed"):
+            fetch_all(server.url + "/blob", max_bytes=1000)
+
+
+def test_connection_refused_is_retriable():
+    with HttpSource(f"http://127.0.0.1:{free_port()}/blob") as source:
+        with pytest.raises(FetchError, match="Connection refused") as info:
+            source.read(0, 10)
+    assert info.value.retriable
+
+
+def test_timeout_is_retriable():
+    with SilentServer() as server, HttpSource(server.url + "/blob", timeout=0.3) as source:
+        with pytest.raises(FetchError, match="timed out after 0.3 s") as info:
+            source.read(0, 10)
+    assert info.value.retriable
+
+
+def test_credentials_never_reach_messages():
+    url = f"http://user:hunter2@127.0.0.1:{free_port()}/blob?X-Amz-Signature=s3cr3t"
+    assert redact_url(url) == f"http://127.0.0.1:{url.split(':')[3].split('/')[0]}" \
+                              "/blob?<redacted>"
+    with HttpSource(url) as source:
+        assert "hunter2" not in source.describe() and "s3cr3t" not in source.describe()
+        with pytest.raises(FetchError) as info:
+            source.read(0, 10)
+    assert "hunter2" not in str(info.value) and "s3cr3t" not in str(info.value)
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tls_nginx(tmp_path):
+    reason = nginx_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    ca_cert, server_cert, server_key = make_tls_files(tmp_path)
+    root = tmp_path / "tls-www"
+    root.mkdir()
+    (root / "blob").write_bytes(BLOB)
+    with NginxServer(root, tls=(server_cert, server_key)) as server:
+        yield server, ca_cert
+
+
+def test_tls_is_verified_by_default(tls_nginx):
+    server, _ = tls_nginx
+    with HttpSource(server.url + "/blob") as source:
+        with pytest.raises(FetchError, match="TLS error: .*certificate verify failed") as info:
+            source.read(0, 10)
+    assert not info.value.retriable
+
+
+def test_tls_with_the_ca_cert(tls_nginx):
+    server, ca_cert = tls_nginx
+    with open_source(server.url + "/blob", ca_cert=ca_cert) as source:
+        assert source.size() == len(BLOB)
+        assert source.read(100, 1000) == BLOB[100:1100]
+    assert [(r.method, r.range) for r in server.requests()] == \
+        [("HEAD", ""), ("GET", "bytes=100-1099")]
+
+
+def test_missing_ca_cert_file(tmp_path):
+    with pytest.raises(NotFound, match="CA certificate"):
+        HttpSource("https://127.0.0.1:1/blob", ca_cert=str(tmp_path / "nope.pem"))
