@@ -94,6 +94,15 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(run=_cmd_stats)
 
+    serve = commands.add_parser(
+        "serve", help="publish a directory (an OCI layout) over HTTP with Range support",
+        description="A small static server for loopback and quick sharing; any static web "
+                    "server or CDN serves lazyfs images just as well.")
+    serve.add_argument("directory")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.set_defaults(run=_cmd_serve)
+
     demo = commands.add_parser("demo", help="run the main job end to end on a built-in sample")
     demo.add_argument("--workdir", help="where to put the sample and its outputs (default: a temp dir)")
     demo.set_defaults(run=_cmd_demo)
@@ -239,6 +248,12 @@ def _cmd_verify(args) -> int:
     for line in inspect.verify_target(args.target, args.toc_digest):
         print(line)
     return 0
+
+
+def _cmd_serve(args) -> int:
+    from lazyfs.serve import serve_forever
+
+    return serve_forever(args.directory, args.host, args.port)
 
 
 def _cmd_demo(args) -> int:

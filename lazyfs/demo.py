@@ -1,9 +1,13 @@
 """`lazyfs demo`: the main job end to end on a built-in sample, with no input from the user.
 
-Until the lazy mount exists, the main job is the conversion: build a two-layer OCI image from
-real files on this machine (part of the Python standard library, a large generated file, and
-an upper layer with a whiteout and an opaque directory), convert it to eStargz, verify the
-result, and print what was done and how fast.
+1. build a two-layer OCI image from real files on this machine: Debian's static busybox (a
+   program to run), part of the Python standard library and a large data file, plus an upper
+   layer with a whiteout and an opaque directory;
+2. convert it to eStargz and verify the result;
+3. publish the converted layout on a loopback web server (`lazyfs serve`);
+4. mount it lazily over HTTP, run a program from it (`lazyfs run` when root: overlay + chroot;
+   otherwise straight from the mount), and time the first line of output;
+5. print the stats: how little of the image was fetched to start the program.
 
 This module is CLI glue, so it may import `converter`; the library modules of `lazyfs` never do.
 """
@@ -15,15 +19,25 @@ import io
 import os
 import platform
 import random
+import shutil
+import subprocess
 import sysconfig
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 
+from lazyfs.errors import NotFound
 from lazyfs.format import oci
 
 DEMO_TAG = "demo"
+BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
+BUSYBOX_APPLETS = ("sh", "echo", "cat", "ls", "wc", "head", "uname")
+DEMO_SCRIPT = b"""#!/bin/sh
+echo "hello from a lazily loaded image"
+cat /etc/motd
+echo "files under /usr/lib/python3: $(ls -R /usr/lib/python3 | wc -l) (listed, not fetched)"
+"""
 _STDLIB_PACKAGES = ("json", "email", "http", "urllib", "xml", "asyncio", "logging", "importlib")
 _BIG_FILE_BYTES = 12 << 20
 
@@ -40,12 +54,30 @@ def _add_dir(tar: tarfile.TarFile, name: str) -> None:
     tar.addfile(info)
 
 
+def _add_symlink(tar: tarfile.TarFile, name: str, target: str) -> None:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = tarfile.SYMTYPE, target, 0o777, 1_700_000_000
+    tar.addfile(info)
+
+
+def _busybox() -> bytes:
+    for path in BUSYBOX_PATHS:
+        if os.path.isfile(path):
+            return Path(path).read_bytes()
+    raise NotFound("the demo runs Debian's static busybox from the image: "
+                   "apt-get install busybox-static (./quickstart.sh does)")
+
+
 def _base_layer() -> bytes:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for directory in ("usr", "usr/lib", "usr/lib/python3", "opt", "opt/data"):
+        for directory in ("bin", "etc", "tmp", "usr", "usr/lib", "usr/lib/python3", "opt", "opt/data"):
             _add_dir(tar, directory)
+        _add_bytes(tar, "bin/busybox", _busybox(), 0o755)
+        for applet in BUSYBOX_APPLETS:
+            _add_symlink(tar, f"bin/{applet}", "busybox")
+        _add_bytes(tar, "etc/motd", b"Only the chunks this program reads were fetched.\n")
         for package in _STDLIB_PACKAGES:
             source = stdlib / package
             if source.is_dir():
@@ -64,7 +96,7 @@ def _app_layer() -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         _add_dir(tar, "app")
-        _add_bytes(tar, "app/hello.py", b'print("hello from a lazily loaded image")\n', 0o755)
+        _add_bytes(tar, "app/hello.sh", DEMO_SCRIPT, 0o755)
         _add_bytes(tar, "opt/data/.wh.obsolete.txt", b"")
         _add_dir(tar, "usr/lib/python3/xml")
         _add_bytes(tar, "usr/lib/python3/xml/.wh..wh..opq", b"")
@@ -86,7 +118,7 @@ def write_sample_image(layout: Path) -> None:
     config = {
         "architecture": oci.linux_platform_of_machine(platform.machine()).architecture,
         "os": "linux",
-        "config": {"Cmd": ["/app/hello.py"]},
+        "config": {"Cmd": ["/app/hello.sh"]},
         "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in layer_tars]},
     }
     config_descriptor = put(oci.encode_json(config), oci.OCI_CONFIG)
@@ -103,45 +135,86 @@ def _tree_bytes(path: Path) -> int:
 def run(workdir: str | None) -> int:
     from converter.image import convert_image
     from converter.layer import LayerOptions
-    from lazyfs.inspect import inspect_target, verify_target
+    from lazyfs.inspect import verify_target
+    from lazyfs.serve import Server
 
     with tempfile.TemporaryDirectory(prefix="lazyfs-demo-") as temp:
         root = Path(workdir) if workdir else Path(temp)
         root.mkdir(parents=True, exist_ok=True)
-        source, converted = root / "sample-image", root / "sample-image-estargz"
-        for path in (source, converted):
+        source, published = root / "sample-image", root / "www"
+        converted = published / "sample"
+        for path in (source, published):
             if path.exists():
                 raise SystemExit(f"lazyfs demo: {path} already exists; pick another --workdir")
         print(f"1. building a two-layer sample image from real files at {source}")
         write_sample_image(source)
 
-        print("2. converting it to eStargz")
+        print("2. converting it to eStargz and verifying the result")
+        published.mkdir()
         started = time.perf_counter()
         result = convert_image(f"{source}:{DEMO_TAG}", str(converted), archive=False,
                                options=LayerOptions(), progress=None)
         convert_seconds = time.perf_counter() - started
-
-        print("3. verifying every chunk, TOC and layer digest of the result")
-        started = time.perf_counter()
         for line in verify_target(f"{converted}:{DEMO_TAG}", None):
             print("   " + line)
-        verify_seconds = time.perf_counter() - started
 
-        report = inspect_target(f"{converted}:{DEMO_TAG}")
-        _print_stats(report, result, _tree_bytes(source), _tree_bytes(converted),
-                     convert_seconds, verify_seconds)
-    return 0
+        with Server(str(published)) as server:
+            url = f"{server.url}/sample:{DEMO_TAG}"
+            print(f"3. serving it on loopback: {url}")
+            figures = _mount_and_run(url, root)
+        _print_stats(result, _tree_bytes(source), _tree_bytes(converted), convert_seconds, figures)
+    return 0 if figures["exit_status"] == 0 else 1
 
 
-def _print_stats(report, result, source_bytes, output_bytes, convert_seconds, verify_seconds) -> None:
+def _mount_and_run(url: str, root: Path) -> dict:
+    from lazyfs import stats
+    from lazyfs.mount import MountOptions, mount, umount
+    from lazyfs.run import exit_status, start_in_image
+
+    mountpoint = root / "mnt"
+    mountpoint.mkdir(exist_ok=True)
+    as_root = os.geteuid() == 0
+    how = "lazyfs run (overlay + chroot)" if as_root else "straight from the mount (not root)"
+    print(f"4. mounting it lazily and running /app/hello.sh, {how}:")
+    started = time.perf_counter()
+    code = mount(url, str(mountpoint), MountOptions(cache_dir=str(root / "cache")), quiet=True)
+    if code != 0:
+        raise SystemExit(code)
+    scratch = None
+    try:
+        if as_root:
+            process, scratch = start_in_image(str(mountpoint), ["/app/hello.sh"], stdout=subprocess.PIPE)
+        else:
+            busybox = str(mountpoint / "bin/busybox")
+            process = subprocess.Popen([busybox, "sh", "-c", f"cd {mountpoint} && {busybox} cat etc/motd"],
+                                       stdout=subprocess.PIPE)
+        first_line = process.stdout.readline()
+        first_output_seconds = time.perf_counter() - started
+        rest = process.stdout.read()
+        status = exit_status(process.wait())
+        for line in (first_line + rest).decode(errors="replace").splitlines():
+            print(f"   | {line}")
+        report = stats.read_stats(str(mountpoint))
+    finally:
+        umount(str(mountpoint))
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return {"exit_status": status, "first_output_seconds": first_output_seconds, "stats": report}
+
+
+def _print_stats(result, source_bytes, output_bytes, convert_seconds, figures) -> None:
     uncompressed = sum(layer.uncompressed_size for layer in result.layers)
+    layers = figures["stats"]["layers"]
+    total = sum(layer["bytes_total"] for layer in layers)
+    fetched = sum(layer["bytes_fetched"] for layer in layers)
     print("\nstats")
-    print(f"  image            {report['path']} (tag {report['tag']}, manifest {report['manifest_digest'][:19]}...)")
-    for number, layer in enumerate(report["layers"], 1):
-        print(f"  layer {number}          {layer['entry_count']:>6} entries {layer['chunk_count']:>6} chunks "
-              f"{layer['blob_size']:>12,} bytes  TOC {layer['toc_digest'][:19]}...")
-    print(f"  input image      {source_bytes:>12,} bytes (gzip layers)")
-    print(f"  eStargz image    {output_bytes:>12,} bytes ({output_bytes / source_bytes:.3f}x the input)")
-    print(f"  convert          {convert_seconds:6.2f} s  "
-          f"({uncompressed / convert_seconds / 1e6:.1f} MB/s of uncompressed layers, {os.cpu_count()} cores)")
-    print(f"  verify           {verify_seconds:6.2f} s")
+    print(f"  input image        {source_bytes:>12,} bytes (gzip layers)")
+    print(f"  eStargz image      {output_bytes:>12,} bytes ({output_bytes / source_bytes:.3f}x the input)")
+    print(f"  convert            {convert_seconds:8.2f} s ({uncompressed / convert_seconds / 1e6:.1f} MB/s "
+          f"of uncompressed layers, {os.cpu_count()} cores)")
+    print(f"  first output after {figures['first_output_seconds']:8.3f} s (mount + start, cold cache, over HTTP)")
+    print(f"  exit status        {figures['exit_status']:>8}")
+    print(f"  fetched            {fetched:>12,} of {total:,} layer bytes ({100 * fetched / total:.1f}%)")
+    for number, layer in enumerate(layers, 1):
+        print(f"  layer {number}            {layer['bytes_fetched']:>12,} bytes fetched in {layer['requests']} "
+              f"requests, {layer['chunks_fetched']} chunks, {layer['bytes_served']:,} bytes served")

@@ -163,10 +163,17 @@ def open_session(ref: str, options: MountOptions) -> Session:
         if not description.get("verified"):
             description["warning"] = "INSECURE: TOC not verified (--insecure-skip-verify)"
             log.warning("%s: %s", ref, description["warning"])
-        return Session(LazyFS(tree, layers, fetcher, description=description), image.close)
+        return Session(LazyFS(tree, layers, fetcher, description=description),
+                       lambda: _close_image(image))
     except BaseException:
-        image.close()
+        _close_image(image)
         raise
+
+
+def _close_image(image) -> None:
+    for spec in image.layers:
+        spec.source.close()
+    image.close()
 
 
 def umount(mountpoint: str) -> int:

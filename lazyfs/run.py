@@ -64,36 +64,57 @@ def _enter_container(lower: str, upper: str, work: str, merged: str):
     return prepare
 
 
-def run(image: str, command: list[str], options: MountOptions, *, env: dict | None = None) -> int:
+DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+               "HOME": "/root"}
+
+
+def start_in_image(lower: str, command: list[str], *, env: dict | None = None,
+                   stdout=None) -> tuple[subprocess.Popen, str]:
+    """Start `command` in a writable overlay over the mounted image at `lower`.
+
+    Returns the process and the scratch directory to remove once it has exited.
+    """
     if not command:
         raise LazyfsError("no command to run: lazyfs run IMAGE -- CMD ARGS...")
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
-    workdir = tempfile.mkdtemp(prefix="lazyfs-run-", dir=os.environ.get("LAZYFS_RUN_DIR"))
-    lower, upper, work, merged = (os.path.join(workdir, d) for d in ("lower", "upper", "work", "merged"))
-    for path in (lower, upper, work, merged):
+    scratch = tempfile.mkdtemp(prefix="lazyfs-run-", dir=os.environ.get("LAZYFS_RUN_DIR"))
+    upper, work, merged = (os.path.join(scratch, d) for d in ("upper", "work", "merged"))
+    for path in (upper, work, merged):
         os.mkdir(path)
-    mounted = False
+    program_env = env if env is not None else {**DEFAULT_ENV, "TERM": os.environ.get("TERM", "dumb")}
     try:
-        options.foreground = False
-        options.log_file = options.log_file or os.path.join(workdir, "daemon.log")
-        code = mount(image, lower, options, quiet=True)
-        if code != 0:
-            return code
-        mounted = True
-        program_env = env if env is not None else {
-            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            "HOME": "/root", "TERM": os.environ.get("TERM", "dumb")}
+        process = subprocess.Popen(command, preexec_fn=_enter_container(lower, upper, work, merged),
+                                   env=program_env, close_fds=True, stdout=stdout)
+    except (OSError, subprocess.SubprocessError) as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise LazyfsError(f"cannot start {command[0]!r} in the image: {exc}") from None
+    return process, scratch
+
+
+def exit_status(returncode: int) -> int:
+    """A shell-style status: a program killed by signal N gives 128 + N."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def run(image: str, command: list[str], options: MountOptions, *, env: dict | None = None) -> int:
+    if os.geteuid() != 0:
+        raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
+    lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
+    options.foreground = False
+    code = mount(image, lower, options, quiet=True)
+    if code != 0:
+        os.rmdir(lower)
+        return code
+    try:
+        process, scratch = start_in_image(lower, command, env=env)
         try:
-            completed = subprocess.run(command, preexec_fn=_enter_container(lower, upper, work, merged),
-                                       env=program_env, close_fds=True)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise LazyfsError(f"cannot start {command[0]!r} in the image: {exc}") from None
-        return completed.returncode if completed.returncode >= 0 else 128 - completed.returncode
+            return exit_status(process.wait())
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
-        if mounted:
-            try:
-                umount(lower)
-            except LazyfsError as exc:
-                print(f"lazyfs run: {exc}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
+        try:
+            umount(lower)
+            os.rmdir(lower)
+        except (LazyfsError, OSError) as exc:
+            print(f"lazyfs run: {exc}", file=sys.stderr)

@@ -26,13 +26,22 @@ BLOB = random.Random(0).randbytes(1024 * 1024 + 123)  # not a multiple of any bl
 
 # --- conformance: every source behaves the same ---------------------------------------------
 
-@pytest.fixture(params=["file", "http"])
+@pytest.fixture(params=["file", "http", "lazyfs-serve"])
 def make_source(request, tmp_path):
-    """make_source(data, name="blob") -> an open source over those bytes; closed at teardown."""
+    """make_source(data, name="blob") -> an open source over those bytes; closed at teardown.
+
+    "lazyfs-serve" runs the conformance suite against our own `lazyfs serve` as the server."""
     opened = []
     if request.param == "http":
         server = request.getfixturevalue("nginx")
         root, base = server.root, server.url + "/"
+    elif request.param == "lazyfs-serve":
+        from lazyfs.serve import Server
+
+        root = tmp_path / "served"
+        root.mkdir()
+        server = request.getfixturevalue("_stack").enter_context(Server(str(root)))
+        base = server.url + "/"
     else:
         root, base = tmp_path, str(tmp_path) + "/"
 
@@ -45,6 +54,14 @@ def make_source(request, tmp_path):
     yield make
     for source in opened:
         source.close()
+
+
+@pytest.fixture
+def _stack():
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        yield stack
 
 
 def test_size(make_source):
