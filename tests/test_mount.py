@@ -9,6 +9,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -187,10 +188,11 @@ def test_background_mount_and_umount(image, mount_dir, tmp_path):
     assert not os.path.ismount(mount_dir)
 
 
-def test_sigterm_unmounts_cleanly(image, mount_dir, tmp_path):
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_unmounts_cleanly(image, mount_dir, tmp_path, signal_number):
     _, converted, _ = image
     with mounted(f"{converted}:{TAG}", mount_dir, cache_dir=tmp_path / "cache") as daemon:
-        daemon.terminate()
+        daemon.send_signal(signal_number)
         assert daemon.wait(timeout=20) == 0
         assert not os.path.ismount(mount_dir)
 
