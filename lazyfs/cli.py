@@ -174,14 +174,18 @@ def _cmd_umount(args) -> int:
 def _cmd_stats(args) -> int:
     from lazyfs import stats
 
-    report = stats.read_stats(args.mountpoint)
-    if args.json:
+    return _show(stats.read_stats(args.mountpoint), args.json, stats.print_stats)
+
+
+def _show(report: dict, as_json: bool, print_human) -> int:
+    """Print a report as indented JSON or in its human form."""
+    if as_json:
         import json
 
         json.dump(report, sys.stdout, indent=2)
         print()
     else:
-        stats.print_stats(report, sys.stdout)
+        print_human(report, sys.stdout)
     return 0
 
 
@@ -231,15 +235,7 @@ def _image_options(options):
 def _cmd_inspect(args) -> int:
     from lazyfs import inspect
 
-    report = inspect.inspect_target(args.target)
-    if args.json:
-        import json
-
-        json.dump(report, sys.stdout, indent=2)
-        print()
-    else:
-        inspect.print_report(report, sys.stdout)
-    return 0
+    return _show(inspect.inspect_target(args.target), args.json, inspect.print_report)
 
 
 def _cmd_verify(args) -> int:
