@@ -76,12 +76,24 @@ def _build_parser() -> argparse.ArgumentParser:
     mount.set_defaults(run=_cmd_mount)
 
     run = commands.add_parser(
-        "run", help="run a program from a lazily mounted image: lazyfs run IMAGE -- CMD ARGS...",
+        "run", help="run a program from a lazily mounted image: lazyfs run IMAGE [-- CMD ARGS...]",
         description="Mount IMAGE, put a writable overlay on top, provide /proc, /dev and /sys, "
-                    "and run CMD chrooted into it in a private mount namespace; its output "
-                    "streams through and its exit status is returned. Everything is cleaned up.")
+                    "and run CMD chrooted into it in a private mount namespace (or in a crun "
+                    "container with --runtime crun); its output streams through and its exit "
+                    "status is returned. As a container runtime would, the image config gives "
+                    "the environment (Env, plus the caller's TERM), the working directory "
+                    "(WorkingDir), the user (User) and, without CMD, the program (Entrypoint + "
+                    "Cmd). Everything is cleaned up. Options go before IMAGE.")
     run.add_argument("image")
-    run.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+    # Not dest "command": that names the subcommand, which error messages print.
+    run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                     help="the program to run (default: the image's Entrypoint + Cmd)")
+    run.add_argument("--runtime", choices=("chroot", "crun"), default="chroot",
+                     help="chroot (default) or crun: an OCI container run by crun "
+                          "(apt-get install crun)")
+    run.add_argument("--network", choices=("host", "none"), default="host",
+                     help="host (default): share the host's network; none: a private network "
+                          "namespace with only loopback")
     _add_mount_options(run)
     run.set_defaults(run=_cmd_run)
 
@@ -161,8 +173,9 @@ def _cmd_mount(args) -> int:
 def _cmd_run(args) -> int:
     from lazyfs.run import run
 
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    return run(args.image, command, _mount_options(args))
+    command = args.program[1:] if args.program[:1] == ["--"] else args.program
+    return run(args.image, command, _mount_options(args), runtime=args.runtime,
+               network=args.network)
 
 
 def _cmd_umount(args) -> int:

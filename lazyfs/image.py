@@ -33,6 +33,8 @@ class MountImage:
     layers: list[LayerSpec]
     description: dict  # what `lazyfs stats` shows about the image
     close: Callable[[], None] = field(default=lambda: None)
+    # The OCI image config (Env, Cmd, User, ... under "config"); None for a lone blob.
+    config: dict | None = None
 
 
 @dataclass
@@ -107,7 +109,7 @@ def _from_image(image, name: str, open_blob, insecure: bool, close) -> MountImag
     verified = all(spec.toc_digest for spec in specs)
     description = {"image": name, "tag": image.tag, "manifest": image.manifest_descriptor.digest,
                    "verified": verified}
-    return MountImage(specs, description, close)
+    return MountImage(specs, description, close, config=image.config)
 
 
 # --- images on a static web server ---------------------------------------------------------------
@@ -166,11 +168,44 @@ def _fetch_document(url: str, sources: SourceOptions) -> bytes:
                      timeout=sources.timeout, max_bytes=MAX_JSON_BYTES)
 
 
-def _remote_layout(base: str, tag: str | None, digest: str | None, sources: SourceOptions,
-                   insecure: bool) -> MountImage:
+def _remote_image(base: str, tag: str | None, digest: str | None,
+                  sources: SourceOptions) -> tuple[oci_layout.ImageSource, _RemoteBlobs]:
     index = oci.parse_index(_fetch_document(f"{base}/index.json", sources), f"{base}/index.json")
     blobs = _RemoteBlobs(base, sources)
-    image = oci_layout.resolve_in_index(blobs, index, Reference(base, tag, digest), None)
+    return oci_layout.resolve_in_index(blobs, index, Reference(base, tag, digest), None), blobs
+
+
+def _remote_layout(base: str, tag: str | None, digest: str | None, sources: SourceOptions,
+                   insecure: bool) -> MountImage:
+    image, blobs = _remote_image(base, tag, digest, sources)
     name = base + (f":{tag}" if tag else f"@{digest}" if digest else "/")
     return _from_image(image, name, lambda desc: sources.open(blobs.url(desc.digest)), insecure,
                        close=image.close)
+
+
+# --- the config alone, for `lazyfs run` ----------------------------------------------------------
+
+def resolve_image_config(ref: str, *,
+                         sources: SourceOptions | None = None) -> tuple[dict | None, str]:
+    """The image config `ref` names, and `ref` pinned to the manifest that config came from.
+
+    `lazyfs run` needs the config in the foreground while the mount daemon resolves the image
+    on its own: mounting the pinned reference (LAYOUT@sha256:...) guarantees that the config
+    and the layers belong to one manifest even if the tag moves in between. Only index,
+    manifest and config are read: no layer is opened, fetched or copied out of an archive.
+    A lone blob has no config: (None, ref), unchanged.
+    """
+    sources = sources or SourceOptions()
+    if _URL_RE.match(ref):
+        base, tag, digest = _split_url_reference(ref)
+        if base is None:
+            return None, ref
+        image, _ = _remote_image(base, tag, digest, sources)
+        pinned_base = base
+    elif os.path.isfile(ref) and _ends_with_footer(ref):
+        return None, ref
+    else:
+        image = oci_layout.open_image(ref)
+        pinned_base = oci_layout.parse_reference(ref).path
+    with image:
+        return image.config, f"{pinned_base}@{image.manifest_descriptor.digest}"

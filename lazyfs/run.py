@@ -1,91 +1,122 @@
-"""`lazyfs run IMAGE -- CMD ARGS...`: start a program from a lazily mounted image.
+"""`lazyfs run IMAGE [-- CMD ARGS...]`: start a program from a lazily mounted image.
 
+    config = the image config (Entrypoint/Cmd, Env, WorkingDir, User), read up front; the
+             mount is of the same manifest (see image.resolve_image_config)
     lower  = the image, mounted read-only by a lazyfs daemon
     merged = overlayfs(lower, upper = a temporary directory) so the program can write
-    /proc, /dev, /sys from the host, then chroot(merged) and exec CMD
 
+Two runtimes start the program in `merged`:
+
+    chroot (default)  /proc, /dev, /sys from the host, chroot(merged), chdir(WorkingDir), drop
+                      to the config's User (setgroups/setgid/setuid), exec CMD
+    crun              an OCI bundle run by crun (lazyfs/crun.py): pid/ipc/uts/mount
+                      namespaces, its own /proc, /dev, /sys, capabilities
+
+Both share the host network unless --network none asks for a private one (only loopback).
 The overlay and the special mounts are made inside a private mount namespace that only the
-program lives in, so they disappear with it and are never visible on the host; then the lazy
-mount is unmounted and the temporary directories removed. The program's output streams
-through, and its exit status becomes ours.
+program (or crun) lives in, so they disappear with it and are never visible on the host; then
+the lazy mount is unmounted and the temporary directories removed. The program's output
+streams through, and its exit status becomes ours.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import tempfile
+import threading
 
+from lazyfs import linux
+from lazyfs.container import DEFAULT_PATH, User, command_for, process_spec
 from lazyfs.errors import LazyfsError
 from lazyfs.mount import MountOptions, mount, umount
 
-_CLONE_NEWNS = 0x00020000
-_MS_RDONLY = 0x1
-_MS_BIND = 0x1000
-_MS_REC = 0x4000
-_MS_PRIVATE = 0x40000
+RUNTIMES = ("chroot", "crun")
+NETWORKS = ("host", "none")
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
+# The environment of start_in_image's callers that pass none (the demo); `run` builds the
+# program's environment from the image config instead.
+DEFAULT_ENV = {"PATH": DEFAULT_PATH, "HOME": "/root"}
 
 
-def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None):
-    encode = lambda s: None if s is None else s.encode()  # noqa: E731
-    _check(_libc.mount(encode(source), encode(target), encode(fstype), flags, encode(data)),
-           f"mount {target}")
+def make_scratch(lower: str, parent: str | None = None) -> tuple[str, tuple[str, str, str]]:
+    """A scratch directory holding the overlay's upper, work and merged directories."""
+    scratch = tempfile.mkdtemp(prefix="lazyfs-run-", dir=parent or os.environ.get("LAZYFS_RUN_DIR"))
+    dirs = tuple(os.path.join(scratch, d) for d in ("upper", "work", "merged"))
+    try:
+        for path in dirs:
+            os.mkdir(path)
+        # The overlay's root directory takes upper's mode and owner: give it the image root's
+        # (not whatever mkdir made), as the image's users expect of "/".
+        root = os.stat(lower)
+        os.chown(dirs[0], root.st_uid, root.st_gid)
+        os.chmod(dirs[0], stat.S_IMODE(root.st_mode))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch, dirs  # type: ignore[return-value]
 
 
-def _enter_container(lower: str, upper: str, work: str, merged: str):
-    """Runs in the child between fork and exec: namespace, overlay, special mounts, chroot."""
+def _enter_container(lower: str, upper: str, work: str, merged: str, *, cwd: str,
+                     user: User | None, private_network: bool):
+    """Runs in the child between fork and exec: namespace, overlay, special mounts, chroot,
+    working directory, user."""
 
     def prepare() -> None:
-        _check(_libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-        # Nothing we mount from here on may propagate back to the host.
-        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
-        _mount("overlay", merged, "overlay", 0, f"lowerdir={lower},upperdir={upper},workdir={work}")
-        for name, source, fstype, flags in (("proc", "proc", "proc", 0),
-                                            ("dev", "/dev", None, _MS_BIND | _MS_REC),
-                                            ("sys", "/sys", None, _MS_BIND | _MS_REC)):
-            target = os.path.join(merged, name)
-            os.makedirs(target, exist_ok=True)
-            _mount(source, target, fstype, flags)
-        os.chroot(merged)
-        os.chdir("/")
+        try:
+            # Nothing we mount from here on may propagate back to the host.
+            linux.enter_private_mount_namespace(linux.CLONE_NEWNET if private_network else 0)
+            if private_network:
+                linux.loopback_up()
+            linux.mount_overlay(lower, upper, work, merged)
+            bind = linux.MS_BIND | linux.MS_REC
+            for name, source, fstype, flags in (("proc", "proc", "proc", 0),
+                                                ("dev", "/dev", None, bind),
+                                                ("sys", "/sys", None, bind)):
+                target = os.path.join(merged, name)
+                os.makedirs(target, exist_ok=True)
+                linux.mount(source, target, fstype, flags)
+            os.chroot(merged)
+            # As runc and crun do: a missing working directory is created (by root), and
+            # entered before privileges are dropped.
+            os.makedirs(cwd, exist_ok=True)
+            os.chdir(cwd)
+            if user is not None:
+                os.setgroups(user.additional_gids)
+                os.setgid(user.gid)
+                os.setuid(user.uid)
+        except BaseException as exc:
+            # subprocess reports only "Exception occurred in preexec_fn": say what it was.
+            os.write(2, f"lazyfs run: {exc}\n".encode(errors="replace"))
+            raise
 
     return prepare
 
 
-DEFAULT_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-               "HOME": "/root"}
+def start_in_image(lower: str, command: list[str], *, env: dict | None = None, stdout=None,
+                   cwd: str = "/", user: User | None = None,
+                   private_network: bool = False) -> tuple[subprocess.Popen, str]:
+    """Start `command` chrooted into a writable overlay over the mounted image at `lower`.
 
-
-def start_in_image(lower: str, command: list[str], *, env: dict | None = None,
-                   stdout=None) -> tuple[subprocess.Popen, str]:
-    """Start `command` in a writable overlay over the mounted image at `lower`.
-
-    Returns the process and the scratch directory to remove once it has exited.
+    `user` None keeps root with the caller's groups. Returns the process and the scratch
+    directory to remove once it has exited.
     """
     if not command:
         raise LazyfsError("no command to run: lazyfs run IMAGE -- CMD ARGS...")
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
-    scratch = tempfile.mkdtemp(prefix="lazyfs-run-", dir=os.environ.get("LAZYFS_RUN_DIR"))
-    upper, work, merged = (os.path.join(scratch, d) for d in ("upper", "work", "merged"))
-    for path in (upper, work, merged):
-        os.mkdir(path)
-    program_env = env if env is not None else {**DEFAULT_ENV, "TERM": os.environ.get("TERM", "dumb")}
+    scratch, (upper, work, merged) = make_scratch(lower)
+    if env is None:
+        env = {**DEFAULT_ENV, "TERM": os.environ.get("TERM", "dumb")}
+    prepare = _enter_container(lower, upper, work, merged, cwd=cwd, user=user,
+                               private_network=private_network)
     try:
-        process = subprocess.Popen(command, preexec_fn=_enter_container(lower, upper, work, merged),
-                                   env=program_env, close_fds=True, stdout=stdout)
+        process = subprocess.Popen(command, preexec_fn=prepare, env=env, close_fds=True,
+                                   stdout=stdout)
     except (OSError, subprocess.SubprocessError) as exc:
         shutil.rmtree(scratch, ignore_errors=True)
         raise LazyfsError(f"cannot start {command[0]!r} in the image: {exc}") from None
@@ -97,20 +128,49 @@ def exit_status(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
-def run(image: str, command: list[str], options: MountOptions, *, env: dict | None = None) -> int:
+def run(image: str, command: list[str], options: MountOptions, *, env: dict | None = None,
+        runtime: str = "chroot", network: str = "host") -> int:
+    """Run `command` (empty: the image's Entrypoint + Cmd) from `image`; its exit status.
+
+    `env` adds to (and overrides) the environment built from the image config.
+    """
+    from lazyfs.image import SourceOptions, resolve_image_config
+
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
+    if runtime not in RUNTIMES:
+        raise LazyfsError(f"unknown runtime {runtime!r} (one of: {', '.join(RUNTIMES)})")
+    if network not in NETWORKS:
+        raise LazyfsError(f"unknown network {network!r} (one of: {', '.join(NETWORKS)})")
+    crun = None
+    if runtime == "crun":
+        from lazyfs.crun import find_crun
+
+        crun = find_crun()
+    config, pinned = resolve_image_config(
+        image, sources=SourceOptions(headers=options.headers or None, ca_cert=options.ca_cert))
+    command_for(config, command)  # no command at all: say so before mounting anything
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False
-    code = mount(image, lower, options, quiet=True)
+    code = mount(pinned, lower, options, quiet=True)
     if code != 0:
         os.rmdir(lower)
         return code
+    previous_sigterm = _exit_on_sigterm()
     try:
-        process, scratch = start_in_image(lower, command, env=env)
+        spec = process_spec(config, command, lower, term=os.environ.get("TERM"), extra_env=env)
+        if crun is not None:
+            from lazyfs.crun import run_in_crun
+
+            return run_in_crun(lower, spec, crun=crun, private_network=network == "none")
+        process, scratch = start_in_image(lower, spec.args, env=spec.env, cwd=spec.cwd,
+                                          user=spec.user, private_network=network == "none")
         try:
             return exit_status(process.wait())
         finally:
+            if process.poll() is None:  # interrupted: the program goes before its filesystem
+                process.kill()
+                process.wait()
             shutil.rmtree(scratch, ignore_errors=True)
     finally:
         try:
@@ -118,3 +178,21 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
             os.rmdir(lower)
         except (LazyfsError, OSError) as exc:
             print(f"lazyfs run: {exc}", file=sys.stderr)
+        _restore_sigterm(previous_sigterm)
+
+
+def _exit_on_sigterm():
+    """SIGTERM becomes SystemExit(143), so that the cleanup above runs (as Ctrl-C's
+    KeyboardInterrupt does) instead of leaving a mount or a crun container behind."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,8 +9,12 @@ from lazyfs.format import oci
 from tests.tarbuild import tar_bytes
 
 
-def write_layout(layout: Path, layers: list[list], tag: str = "test") -> Path:
-    """An OCI image layout at `layout` whose layers are the given member lists (lowest first)."""
+def write_layout(layout: Path, layers: list[list], tag: str = "test",
+                 config: dict | None = None) -> Path:
+    """An OCI image layout at `layout` whose layers are the given member lists (lowest first).
+
+    `config` is the image config's runtime part (Env, Cmd, Entrypoint, WorkingDir, User...).
+    """
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -21,9 +25,9 @@ def write_layout(layout: Path, layers: list[list], tag: str = "test") -> Path:
 
     tars = [tar_bytes(*members) for members in layers]
     layer_descriptors = [put(gzip.compress(t, mtime=0), oci.OCI_LAYER_GZIP) for t in tars]
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in tars]}}
-    config_descriptor = put(oci.encode_json(config), oci.OCI_CONFIG)
+    image_config = {"architecture": "amd64", "os": "linux", "config": dict(config or {}),
+                    "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in tars]}}
+    config_descriptor = put(oci.encode_json(image_config), oci.OCI_CONFIG)
     manifest = put(oci.encode_json(oci.build_manifest(config_descriptor, layer_descriptors)),
                    oci.OCI_MANIFEST, {oci.ANNOTATION_REF_NAME: tag})
     (layout / "oci-layout").write_bytes(oci.OCI_LAYOUT_FILE_BYTES)
