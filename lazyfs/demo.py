@@ -14,10 +14,8 @@ This module is CLI glue, so it may import `converter`; the library modules of `l
 
 from __future__ import annotations
 
-import gzip
 import io
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -28,7 +26,7 @@ import time
 from pathlib import Path
 
 from lazyfs.errors import NotFound
-from lazyfs.format import oci
+from lazyfs.oci_layout import write_gzip_layout
 
 DEMO_TAG = "demo"
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
@@ -105,27 +103,8 @@ def _app_layer() -> bytes:
 
 def write_sample_image(layout: Path) -> None:
     """A two-layer OCI image layout with gzip layers, tagged `demo`."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-
-    def put(data: bytes, media_type: str, annotations=None) -> oci.Descriptor:
-        descriptor = oci.descriptor_of(media_type, data, annotations)
-        (blobs / descriptor.digest.split(":", 1)[1]).write_bytes(data)
-        return descriptor
-
-    layer_tars = [_base_layer(), _app_layer()]
-    layers = [put(gzip.compress(t, mtime=0), oci.OCI_LAYER_GZIP) for t in layer_tars]
-    config = {
-        "architecture": oci.linux_platform_of_machine(platform.machine()).architecture,
-        "os": "linux",
-        "config": {"Cmd": ["/app/hello.sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in layer_tars]},
-    }
-    config_descriptor = put(oci.encode_json(config), oci.OCI_CONFIG)
-    manifest = put(oci.encode_json(oci.build_manifest(config_descriptor, layers)), oci.OCI_MANIFEST,
-                   {oci.ANNOTATION_REF_NAME: DEMO_TAG})
-    (layout / "oci-layout").write_bytes(oci.OCI_LAYOUT_FILE_BYTES)
-    (layout / "index.json").write_bytes(oci.encode_json(oci.build_index([manifest])))
+    write_gzip_layout(str(layout), [_base_layer(), _app_layer()], DEMO_TAG,
+                      runtime_config={"Cmd": ["/app/hello.sh"]})
 
 
 def _tree_bytes(path: Path) -> int:

@@ -462,3 +462,35 @@ def _find_digest(blobs: LocalBlobs, entries: Iterable[Descriptor], digest: str, 
         if found is not None:
             return desc, found[1]
     return None
+
+
+# --- Writing -------------------------------------------------------------------------------------
+
+def write_gzip_layout(layout: str, layer_tars: list[bytes], tag: str, *,
+                      runtime_config: dict | None = None, architecture: str | None = None) -> None:
+    """A plain OCI image layout at `layout` (which must not exist) with gzip layers.
+
+    The layers are the given uncompressed tars, lowest first; `runtime_config` is the config's
+    "config" part (Env, Cmd, Entrypoint, WorkingDir, User). For demos and tests: real image
+    conversion writes layouts through converter.image.
+    """
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs)
+
+    def put(data: bytes, media_type: str, annotations=None) -> Descriptor:
+        descriptor = oci.descriptor_of(media_type, data, annotations)
+        with open(os.path.join(layout, oci.blob_relpath(descriptor.digest)), "wb") as f:
+            f.write(data)
+        return descriptor
+
+    layers = [put(gzip.compress(t, mtime=0), oci.OCI_LAYER_GZIP) for t in layer_tars]
+    config = {"architecture": architecture or host_platform().architecture, "os": "linux",
+              "config": dict(runtime_config or {}),
+              "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(t) for t in layer_tars]}}
+    config_descriptor = put(oci.encode_json(config), oci.OCI_CONFIG)
+    manifest = put(oci.encode_json(oci.build_manifest(config_descriptor, layers)),
+                   oci.OCI_MANIFEST, {oci.ANNOTATION_REF_NAME: tag})
+    with open(os.path.join(layout, "oci-layout"), "wb") as f:
+        f.write(oci.OCI_LAYOUT_FILE_BYTES)
+    with open(os.path.join(layout, "index.json"), "wb") as f:
+        f.write(oci.encode_json(oci.build_index([manifest])))
