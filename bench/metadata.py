@@ -29,7 +29,8 @@ What is measured ("drop" = `sync; echo 3 > /proc/sys/vm/drop_caches`):
                              VmRSS of a daemon serving the tiny image after the same walks,
                              divided by the number of entries: bytes per entry
 
-Mount times are the median of --runs (the minimum is shown too). Goals (from the issue): a
+Mount times are the median of --runs (the minimum is shown too). Other processes using the CPUs
+skew every figure: their CPU use is sampled for a second before measuring and warned about. Goals (from the issue): a
 mount in under 1 s once the TOC is local (the warm-TOC median) and under 1 KiB of daemon memory
 per entry.
 """
@@ -195,6 +196,18 @@ def drop_caches() -> None:
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3\n")
+
+
+def other_cpu_use(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy over `seconds` while this benchmark is idle: other load."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
 def check_system() -> None:
@@ -413,7 +426,11 @@ def main() -> None:
         sys.exit("--dirs, --files-per-dir and --runs must be at least 1")
     started = time.perf_counter()
     work, info = prepare(args)
+    busy = other_cpu_use()
+    print(f"other CPU use before measuring: {busy:.0%} of {os.cpu_count()} CPUs"
+          + ("  WARNING: the machine is busy; figures will be low and noisy" if busy > 0.2 else ""))
     results = measure(work, args)
+    results["other_cpu_use"] = busy
     summary = report(results, info, args)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
