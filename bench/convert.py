@@ -75,10 +75,47 @@ def timed(cmd: list, env: dict) -> tuple[float, float]:
     return elapsed, cpu
 
 
+GO_FORMAT = {"estargz": "gzip", "zstd:chunked": "zstd"}
+DEFAULT_LEVEL = {"estargz": 9, "zstd:chunked": 3}  # each format's reference default
+
+
+def measure_format(fmt: str, level: int, src: Path, args, esgzcheck: Path, env: dict,
+                   pin: list) -> dict:
+    """Best-of-N wall time, CPU time, throughput and output size of both tools for one format."""
+    work = Path(tempfile.mkdtemp(prefix="lazyfs-bench-"))
+    outs = {"lazyfs": work / "ours.blob", "go-reference": work / "go.blob"}
+    cmds = {
+        "lazyfs": [*pin, sys.executable, "-m", "lazyfs", "convert", src, outs["lazyfs"],
+                   "--format", fmt, "--compression-level", level, "--chunk-size", args.chunk_size],
+        "go-reference": [*pin, esgzcheck, "build", src, outs["go-reference"], "-format",
+                         GO_FORMAT[fmt], "-level", level, "-chunk-size", args.chunk_size],
+    }
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
+    try:
+        for _ in range(args.runs):
+            for name, cmd in cmds.items():  # alternate the tools run by run
+                times[name].append(timed(cmd, env))
+        results = {}
+        for name in cmds:
+            best, cpu = min(times[name])
+            results[name] = {"seconds": best, "cpu_seconds": cpu,
+                             "all_seconds": [wall for wall, _ in times[name]],
+                             "mb_per_s": src.stat().st_size / MB / best,
+                             "output_bytes": outs[name].stat().st_size}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours, ref = results["lazyfs"], results["go-reference"]
+    return {"level": level, "results": results,
+            "ratios": {"speed": ours["mb_per_s"] / ref["mb_per_s"],  # > 1: we are faster
+                       "size": ours["output_bytes"] / ref["output_bytes"]}}  # < 1: smaller
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--input", type=Path, help="layer tar (default: a tar of the Python stdlib)")
-    ap.add_argument("--level", type=int, default=9, help="gzip compression level (default 9)")
+    ap.add_argument("--format", choices=["estargz", "zstd:chunked", "both"], default="both",
+                    help="which formats to measure (default: both, side by side)")
+    ap.add_argument("--level", type=int, help="compression level (default: 9 gzip, 3 zstd)")
     ap.add_argument("--chunk-size", type=int, default=4 << 20, help="bytes (default 4194304)")
     ap.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)),
                     help="CPUs 0..N-1 for both tools (default: all available)")
@@ -100,46 +137,28 @@ def main() -> None:
     # Go already sizes GOMAXPROCS from the affinity mask; being explicit makes
     # the number of parallel sub-blobs in estargz.Build exact.
     env["GOMAXPROCS"] = str(args.cores)
-    work = Path(tempfile.mkdtemp(prefix="lazyfs-bench-"))
-    outs = {"lazyfs": work / "ours.esgz", "go-estargz": work / "go.esgz"}
-    cmds = {
-        "lazyfs": [*pin, sys.executable, "-m", "lazyfs", "convert", src, outs["lazyfs"],
-                   "--compression-level", args.level, "--chunk-size", args.chunk_size],
-        "go-estargz": [*pin, esgzcheck, "build", src, outs["go-estargz"],
-                       "-level", args.level, "-chunk-size", args.chunk_size],
-    }
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in cmds}
-    try:
-        for _ in range(args.runs):
-            for name, cmd in cmds.items():  # alternate the tools run by run
-                times[name].append(timed(cmd, env))
-        results = {}
-        for name in cmds:
-            best, cpu = min(times[name])
-            results[name] = {"seconds": best, "cpu_seconds": cpu,
-                             "all_seconds": [wall for wall, _ in times[name]],
-                             "mb_per_s": in_bytes / MB / best,
-                             "output_bytes": outs[name].stat().st_size}
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    formats = ["estargz", "zstd:chunked"] if args.format == "both" else [args.format]
+    measured = {fmt: measure_format(fmt, args.level or DEFAULT_LEVEL[fmt], src, args, esgzcheck,
+                                    env, pin) for fmt in formats}
 
-    ours, ref = results["lazyfs"], results["go-estargz"]
-    ratios = {"speed": ours["mb_per_s"] / ref["mb_per_s"],  # > 1: we are faster
-              "size": ours["output_bytes"] / ref["output_bytes"]}  # < 1: we are smaller
-    print(f"input {src} ({in_bytes / MB:.1f} MB), level {args.level}, "
-          f"chunk {args.chunk_size}, {args.cores} cores, best of {args.runs}")
-    print(f"{'tool':<12}{'input MB':>10}{'seconds':>10}{'CPU s':>8}{'MB/s':>10}"
-          f"{'output bytes':>16}")
-    for name, r in results.items():
-        print(f"{name:<12}{in_bytes / MB:>10.1f}{r['seconds']:>10.2f}{r['cpu_seconds']:>8.2f}"
-              f"{r['mb_per_s']:>10.1f}{r['output_bytes']:>16,}")
-    print(f"ours/reference: speed x{ratios['speed']:.2f}, size x{ratios['size']:.3f}")
+    print(f"input {src} ({in_bytes / MB:.1f} MB), chunk {args.chunk_size}, {args.cores} cores, "
+          f"best of {args.runs}")
+    print(f"{'format':<14}{'level':>6}{'tool':>14}{'seconds':>9}{'CPU s':>8}{'MB/s':>9}"
+          f"{'output bytes':>15}{'ratio':>8}")
+    for fmt, m in measured.items():
+        for name, r in m["results"].items():
+            print(f"{fmt:<14}{m['level']:>6}{name:>14}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}"
+                  f"{r['mb_per_s']:>9.1f}{r['output_bytes']:>15,}{r['output_bytes'] / in_bytes:>8.3f}")
+        print(f"{fmt:<14} ours/reference: speed x{m['ratios']['speed']:.2f}, size x{m['ratios']['size']:.3f}")
+    if len(measured) == 2:
+        gz, zs = (measured[f]["results"]["lazyfs"] for f in formats)
+        print(f"lazyfs zstd:chunked vs estargz: speed x{zs['mb_per_s'] / gz['mb_per_s']:.2f}, "
+              f"size x{zs['output_bytes'] / gz['output_bytes']:.3f}")
 
     if args.json:
         args.json.write_text(json.dumps({
-            "input": str(src), "input_bytes": in_bytes, "level": args.level,
-            "chunk_size": args.chunk_size, "cores": args.cores, "runs": args.runs,
-            "results": results, "ratios": ratios}, indent=2) + "\n")
+            "input": str(src), "input_bytes": in_bytes, "chunk_size": args.chunk_size,
+            "cores": args.cores, "runs": args.runs, "formats": measured}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

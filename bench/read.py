@@ -1,6 +1,6 @@
 """Read benchmark: file reads through a lazyfs mount against the same files on local disk.
 
-    python bench/read.py [--level 9] [--chunk-size 4194304] [--big-files 4] [--big-mib 64]
+    python bench/read.py [--chunk-size 4194304] [--big-files 4] [--big-mib 64]
                          [--small-files 2000] [--random-count 20000] [--block-size 1048576]
                          [--time-limit 10] [--runs 2] [--workdir DIR] [--json PATH]
 
@@ -56,6 +56,7 @@ import argparse
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import os
 import random
@@ -204,9 +205,18 @@ def write_source_layout(layout: Path, layer_gz: Path, diff_id: str) -> None:
     (layout / "index.json").write_bytes(oci.encode_json(oci.build_index([manifest])))
 
 
+FORMATS = ("estargz", "zstd:chunked")
+LEVELS = {"estargz": 9, "zstd:chunked": 3}  # each format's default level
+ZSTD_COLD_SEQ_FACTOR = 2.0  # goal: zstd cold sequential reads at least 2x gzip's
+
+
+def _converted_name(fmt: str) -> str:
+    return "converted-" + fmt.replace(":", "-")
+
+
 def prepare(work: Path, args) -> dict:
     """Build, convert and extract the image in `work` (reused if built with the same options)."""
-    params = {"version": 1, "level": args.level, "chunk_size": args.chunk_size,
+    params = {"version": 2, "levels": LEVELS, "chunk_size": args.chunk_size,
               "big_files": args.big_files, "big_mib": args.big_mib,
               "small_files": args.small_files}
     stamp = work / "image.json"
@@ -215,7 +225,8 @@ def prepare(work: Path, args) -> dict:
         if info["params"] == params:
             print(f"reusing the image in {work}", file=sys.stderr)
             return info
-    for name in ("source", "converted", "local", "layer.tar.gz", "image.json"):
+    for name in ("source", *(_converted_name(f) for f in FORMATS), "local", "layer.tar.gz",
+                 "image.json"):
         target = work / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -227,18 +238,23 @@ def prepare(work: Path, args) -> dict:
     big, small, diff_id = build_layer(layer_gz, args)
     write_source_layout(work / "source", layer_gz, diff_id)
     built = time.perf_counter()
-    print(f"built the layer in {built - start:.1f} s; converting at level {args.level}...",
+    print(f"built the layer in {built - start:.1f} s; converting to {', '.join(FORMATS)}...",
           file=sys.stderr)
-    convert_image(f"{work / 'source'}:{TAG}", str(work / "converted"), archive=False,
-                  options=LayerOptions(chunk_size=args.chunk_size, compression_level=args.level),
-                  progress=False)
+    converted_bytes, convert_seconds = {}, {}
+    for fmt in FORMATS:
+        began = time.perf_counter()
+        convert_image(f"{work / 'source'}:{TAG}", str(work / _converted_name(fmt)), archive=False,
+                      options=LayerOptions(chunk_size=args.chunk_size, format=fmt,
+                                           compression_level=LEVELS[fmt]), progress=False)
+        convert_seconds[fmt] = time.perf_counter() - began
+        converted_bytes[fmt] = sum(p.stat().st_size
+                                   for p in (work / _converted_name(fmt) / "blobs").rglob("*"))
     converted = time.perf_counter()
     (work / "local").mkdir()
     subprocess.run(["tar", "-xzf", str(layer_gz), "-C", str(work / "local")], check=True)
-    blob_bytes = sum(p.stat().st_size for p in (work / "converted" / "blobs").rglob("*"))
     info = {"params": params, "big": big, "small": small,
-            "tar_gz_bytes": layer_gz.stat().st_size, "converted_bytes": blob_bytes,
-            "build_seconds": built - start, "convert_seconds": converted - built}
+            "tar_gz_bytes": layer_gz.stat().st_size, "converted_bytes": converted_bytes,
+            "build_seconds": built - start, "convert_seconds": convert_seconds}
     stamp.write_text(json.dumps(info))
     print(f"converted in {converted - built:.1f} s; extracted with tar -xzf", file=sys.stderr)
     return info
@@ -419,7 +435,6 @@ def measure(work: Path, info: dict, plan, args) -> dict:
     """{workload: {state: result}}: the best of --runs runs (highest MB/s), every run's MB/s
     kept in the result's "runs". Runs alternate local and lazyfs so drift hits both."""
     local = work / "local"
-    image = f"{work / 'converted'}:{TAG}"
     runs: dict[str, dict[str, list[dict]]] = {w: {} for w in WORKLOADS}
     for _ in range(args.runs):
         for workload in WORKLOADS:
@@ -427,7 +442,8 @@ def measure(work: Path, info: dict, plan, args) -> dict:
             for state in ("local cold", "local cached"):
                 runs[workload].setdefault(state, []).append(
                     run_workload(workload, local, info, plan, args))
-        for workload in WORKLOADS:
+        for fmt, workload in itertools.product(FORMATS, WORKLOADS):
+            image = f"{work / _converted_name(fmt)}:{TAG}"
             cache_dir = work / f"cache-{workload}"
             shutil.rmtree(cache_dir, ignore_errors=True)
             with Mount(image, work / "mnt", cache_dir, work / "daemon.log") as mount:
@@ -438,7 +454,7 @@ def measure(work: Path, info: dict, plan, args) -> dict:
                     result = run_workload(workload, work / "mnt", info, plan, args)
                     after = mount.stats()
                     result["daemon"] = {k: after[k] - before[k] for k in after}
-                    runs[workload].setdefault(f"lazyfs {state}", []).append(result)
+                    runs[workload].setdefault(f"{fmt} {state}", []).append(result)
             shutil.rmtree(cache_dir, ignore_errors=True)
     results: dict[str, dict[str, dict]] = {w: {} for w in WORKLOADS}
     for workload, states in runs.items():
@@ -453,13 +469,14 @@ def measure(work: Path, info: dict, plan, args) -> dict:
 
 def print_report(results: dict, info: dict, args) -> dict:
     params = info["params"]
+    sizes = ", ".join(f"{fmt} (level {LEVELS[fmt]}) {info['converted_bytes'][fmt] / MB:.0f} MB"
+                      for fmt in FORMATS)
     print(f"image: {params['big_files']} x {params['big_mib']} MiB (half random, half text) + "
-          f"{params['small_files']} files of 1-64 KiB; level {params['level']}, chunk "
-          f"{params['chunk_size']}; tar.gz {info['tar_gz_bytes'] / MB:.0f} MB, eStargz "
-          f"{info['converted_bytes'] / MB:.0f} MB; {len(os.sched_getaffinity(0))} cores")
+          f"{params['small_files']} files of 1-64 KiB; chunk {params['chunk_size']}; tar.gz "
+          f"{info['tar_gz_bytes'] / MB:.0f} MB, {sizes}; {len(os.sched_getaffinity(0))} cores")
     print(f"seq: {args.block_size}-byte reads; random: {args.random_count} x 4 KiB preads; "
           f"time limit {args.time_limit:g} s per pass (* = stopped there); best of {args.runs} runs")
-    print(f"{'workload':<9}{'state':<15}{'MB/s':>9}{'ops/s':>10}{'seconds':>9}{'MB read':>9}"
+    print(f"{'workload':<9}{'state':<22}{'MB/s':>9}{'ops/s':>10}{'seconds':>9}{'MB read':>9}"
           f"{'verified':>10}{'blob fetches':>14}{'cache hits':>12}")
     for workload, states in results.items():
         for state, r in states.items():
@@ -467,23 +484,28 @@ def print_report(results: dict, info: dict, args) -> dict:
             fetches = f"{daemon['chunks_fetched']:,}" if daemon else ""
             hits = f"{daemon['cache_hits']:,}" if daemon else ""
             ok = "ok" if r["verified"] else f"WRONG {r['wrong']}"
-            print(f"{workload:<9}{state:<15}{r['mb_per_s']:>9.1f}{r['ops_per_s']:>10,.0f}"
+            print(f"{workload:<9}{state:<22}{r['mb_per_s']:>9.1f}{r['ops_per_s']:>10,.0f}"
                   f"{r['seconds']:>8.2f}{'*' if r['time_bound'] else ' '}{r['bytes'] / MB:>9.1f}"
                   f"{ok:>10}{fetches:>14}{hits:>12}")
     ratios, goals = {}, []
     print("\nratios (lazyfs / local):")
-    for workload, s in results.items():
+    for fmt, (workload, s) in itertools.product(FORMATS, results.items()):
         local_cold, local_cached = s["local cold"]["mb_per_s"], s["local cached"]["mb_per_s"]
-        ratios[workload] = {"warm/local": s["lazyfs warm"]["mb_per_s"] / local_cold,
-                            "cold/local": s["lazyfs cold"]["mb_per_s"] / local_cold,
-                            "cached/local cached": s["lazyfs cached"]["mb_per_s"] / local_cached}
-        print(f"  {workload:<8}" + "   ".join(f"{k} x{v:.2f}" for k, v in ratios[workload].items()))
-        warm = s["lazyfs warm"]["mb_per_s"]
-        goals.append((f"{workload}: warm >= local/{WARM_FACTOR:g} ({warm:.1f} vs "
+        key = f"{fmt} {workload}"
+        ratios[key] = {"warm/local": s[f"{fmt} warm"]["mb_per_s"] / local_cold,
+                       "cold/local": s[f"{fmt} cold"]["mb_per_s"] / local_cold,
+                       "cached/local cached": s[f"{fmt} cached"]["mb_per_s"] / local_cached}
+        print(f"  {key:<20}" + "   ".join(f"{k} x{v:.2f}" for k, v in ratios[key].items()))
+        warm = s[f"{fmt} warm"]["mb_per_s"]
+        goals.append((f"{key}: warm >= local/{WARM_FACTOR:g} ({warm:.1f} vs "
                       f"{local_cold / WARM_FACTOR:.1f} MB/s)", warm >= local_cold / WARM_FACTOR))
-    cold_seq = results["seq"]["lazyfs cold"]["mb_per_s"]
-    goals.append((f"seq: cold from a local blob >= {COLD_SEQ_MB_S:g} MB/s ({cold_seq:.1f} MB/s)",
-                  cold_seq >= COLD_SEQ_MB_S))
+    for fmt in FORMATS:
+        cold_seq = results["seq"][f"{fmt} cold"]["mb_per_s"]
+        goals.append((f"{fmt} seq: cold from a local blob >= {COLD_SEQ_MB_S:g} MB/s "
+                      f"({cold_seq:.1f} MB/s)", cold_seq >= COLD_SEQ_MB_S))
+    gzip_cold, zstd_cold = (results["seq"][f"{fmt} cold"]["mb_per_s"] for fmt in FORMATS)
+    goals.append((f"zstd:chunked cold seq >= {ZSTD_COLD_SEQ_FACTOR:g}x estargz's "
+                  f"(x{zstd_cold / gzip_cold:.2f})", zstd_cold >= ZSTD_COLD_SEQ_FACTOR * gzip_cold))
     all_verified = all(r["verified"] for s in results.values() for r in s.values())
     goals.append(("every byte read matched the extracted files", all_verified))
     print("\ngoals:")
@@ -494,8 +516,6 @@ def print_report(results: dict, info: dict, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--level", "--compression-level", type=int, default=9,
-                    help="gzip level of the conversion (default 9; 6 sets up faster)")
     ap.add_argument("--chunk-size", type=int, default=4 << 20, help="bytes (default 4194304)")
     ap.add_argument("--big-files", type=int, default=4, help="number of big files (default 4)")
     ap.add_argument("--big-mib", type=int, default=64, help="size of each big file (default 64)")

@@ -127,10 +127,7 @@ def _check_prioritized_found(listed: tuple[str, ...], results: list[LayerResult]
 
 
 def _layer_descriptor(result: LayerResult) -> Descriptor:
-    return Descriptor(oci.OCI_LAYER_GZIP, result.blob_digest, result.blob_size, {
-        oci.ANNOTATION_TOC_DIGEST: result.toc_digest,
-        oci.ANNOTATION_UNCOMPRESSED_SIZE: str(result.uncompressed_size),
-    })
+    return Descriptor(result.media_type, result.blob_digest, result.blob_size, dict(result.annotations))
 
 
 # --- Writers -----------------------------------------------------------------------------------

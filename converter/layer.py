@@ -20,6 +20,7 @@ import collections
 import concurrent.futures
 import hashlib
 import io
+import itertools
 import os
 import tarfile
 from collections.abc import Iterator
@@ -29,9 +30,11 @@ from converter.prioritize import prioritize
 from converter.tarinput import (Member, payload_reader, plain_tar, raw_header, read_exactly,
                                 scan_members, synthetic_member)
 from lazyfs.errors import NotFound
-from lazyfs.format.codec import GzipCodec
+from lazyfs.format import oci, zstdchunked
+from lazyfs.format.codec import codec_for
+from lazyfs.format.seekable import FORMATS
 from lazyfs.format.estargz import (LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
-                                   TOC_TAR_NAME, build_toc_blob)
+                                   TOC_TAR_NAME, build_toc_blob, sha256_digest)
 from lazyfs.format.tarmeta import TOC_TYPE_OF_TAR_TYPE, tar_xattrs
 from lazyfs.format.toc import TOC, TOCEntry, clean_name, format_modtime
 
@@ -44,7 +47,8 @@ _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 @dataclass(frozen=True)
 class LayerOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
-    compression_level: int = 9
+    compression_level: int | None = None  # default: 9 for estargz (gzip), 3 for zstd:chunked
+    format: str = "estargz"
     prioritized_files: tuple[str, ...] = ()
     missing_prioritized_ok: bool = False  # image mode: a listed file may be in another layer
     workers: int | None = None  # default: every core
@@ -52,11 +56,13 @@ class LayerOptions:
 
 @dataclass(frozen=True)
 class LayerResult:
-    blob_digest: str  # sha256 of the eStargz blob
+    blob_digest: str  # sha256 of the seekable blob
     blob_size: int
     toc_digest: str  # sha256 of the TOC JSON, what the manifest annotation pins
     diff_id: str  # sha256 of the uncompressed blob, a tar
     uncompressed_size: int
+    media_type: str = oci.OCI_LAYER_GZIP
+    annotations: dict = field(default_factory=dict)  # every layer annotation readers need
     missing_prioritized: tuple[str, ...] = ()
 
 
@@ -114,10 +120,12 @@ class _Segment:
 class _Segmenter:
     """Turns members into segments and TOC entries, in output order."""
 
-    def __init__(self, tar_file, tar: tarfile.TarFile, chunk_size: int):
+    def __init__(self, tar_file, tar: tarfile.TarFile, chunk_size: int, isolate_payloads: bool):
         self.tar_file = tar_file
         self.tar = tar
         self.chunk_size = chunk_size
+        # zstd:chunked: a chunk's frame holds the chunk alone; what follows starts a new frame.
+        self.isolate_payloads = isolate_payloads
         self.entries: list[TOCEntry] = []
         self._pending = bytearray()
         self._pending_entries: list[TOCEntry] = []
@@ -168,11 +176,14 @@ class _Segmenter:
             # chunkSize 0 means "to the end of the file": written only for non-final chunks.
             entry.chunk_size = length if file_offset + length < info.size else 0
             entry.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            yield self._cut()
+            if self._pending:  # the chunk starts a new member
+                yield self._cut()
             self._pending += data
             self._pending_entries.append(entry)
             self.entries.append(entry)
             file_offset += length
+            if self.isolate_payloads:
+                yield self._cut()
         self._pending += b"\0" * (-info.size % tarfile.BLOCKSIZE)
         file_entry.digest = "sha256:" + file_digest.hexdigest()
 
@@ -212,9 +223,77 @@ def _name_if_changed(last: dict[int, str], owner_id: int, name: str) -> str:
 # Parallel compression and output
 
 
+class _EstargzFraming:
+    """eStargz: gzip members; the TOC is a tar entry in the last member, then the footer."""
+
+    media_type = oci.OCI_LAYER_GZIP
+    isolate_payloads = False  # padding and following headers ride in the chunk's member
+
+    def __init__(self, level: int | None):
+        self.codec = codec_for("gzip", level)
+
+    def final_segments(self) -> list[_Segment]:
+        return []  # the tar end-of-archive is part of the TOC member
+
+    def finish(self, entries: list[TOCEntry], data_end: int) -> tuple[bytes, bytes, str, dict]:
+        """(tail to append, what it inflates to, TOC digest, format-specific annotations)"""
+        toc_blob = build_toc_blob(TOC(entries=entries), data_end, self.codec)
+        return toc_blob.tail, toc_blob.uncompressed, toc_blob.toc_digest, {}
+
+
+class _ZstdChunkedFraming:
+    """zstd:chunked: zstd frames; each chunk's frame holds exactly the chunk (so containers/
+    storage, which inflates [offset, endOffset), gets the file's bytes and nothing else); the
+    TOC and the footer are skippable frames, invisible to plain zstd decoders."""
+
+    media_type = oci.OCI_LAYER_ZSTD
+    isolate_payloads = True
+
+    def __init__(self, level: int | None):
+        self.codec = codec_for("zstd", level)
+
+    def final_segments(self) -> list[_Segment]:
+        # The TOC is not in the tar stream, so the tar's end-of-archive gets its own frame.
+        return [_Segment(b"\0" * (2 * tarfile.BLOCKSIZE))]
+
+    def finish(self, entries: list[TOCEntry], data_end: int) -> tuple[bytes, bytes, str, dict]:
+        _extend_file_end_offsets(entries)
+        frames = zstdchunked.build_toc_frames(TOC(entries=entries), data_end, self.codec)
+        location = frames.location
+        annotations = {
+            zstdchunked.ANNOTATION_MANIFEST_CHECKSUM: sha256_digest(frames.compressed_toc),
+            zstdchunked.ANNOTATION_MANIFEST_POSITION:
+                f"{location.offset}:{location.compressed_size}:{location.uncompressed_size}:"
+                f"{zstdchunked.MANIFEST_TYPE_CRFS}",
+        }
+        return frames.tail, b"", frames.toc_digest, annotations
+
+
+def _extend_file_end_offsets(entries: list[TOCEntry]) -> None:
+    """A regular file's endOffset covers all its chunks' frames (containers/storage fetches a
+    whole file with [offset, endOffset)); each chunk entry keeps its own frame's end."""
+    current = None
+    for entry in entries:
+        if entry.type == "reg":
+            current = entry
+        elif entry.type == "chunk" and current is not None:
+            current.end_offset = entry.end_offset
+        else:
+            current = None
+
+
+def _framing(options: LayerOptions):
+    if options.format == "estargz":
+        return _EstargzFraming(options.compression_level)
+    if options.format == "zstd:chunked":
+        return _ZstdChunkedFraming(options.compression_level)
+    raise ValueError(f"unknown format {options.format!r}; choose from {', '.join(FORMATS)}")
+
+
 def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
-    codec = GzipCodec(options.compression_level)
-    segmenter = _Segmenter(tar_file, tar, options.chunk_size)
+    framing = _framing(options)
+    codec = framing.codec
+    segmenter = _Segmenter(tar_file, tar, options.chunk_size, framing.isolate_payloads)
     # The cores this process may run on (taskset, cgroups), not every core of the machine.
     workers = options.workers or len(os.sched_getaffinity(0))
     blob_hash, diff_hash = hashlib.sha256(), hashlib.sha256()
@@ -224,6 +303,8 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
         nonlocal blob_offset, uncompressed_size
         for entry in segment.chunk_entries:
             entry.blob_offset = blob_offset
+            if framing.isolate_payloads:
+                entry.end_offset = blob_offset + len(compressed)
         out.write(compressed)
         blob_hash.update(compressed)
         blob_offset += len(compressed)
@@ -233,7 +314,8 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     in_flight: collections.deque = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         try:
-            for segment in segmenter.segments(items):
+            segments = itertools.chain(segmenter.segments(items), framing.final_segments())
+            for segment in segments:
                 diff_hash.update(segment.data)
                 in_flight.append((segment, pool.submit(codec.compress, segment.data)))
                 while len(in_flight) > 2 * workers:
@@ -247,15 +329,18 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
                 future.cancel()
             raise
 
-    toc_blob = build_toc_blob(TOC(entries=segmenter.entries), blob_offset, codec)
-    out.write(toc_blob.tail)
-    blob_hash.update(toc_blob.tail)
-    diff_hash.update(toc_blob.uncompressed)
+    tail, tail_uncompressed, toc_digest, format_annotations = framing.finish(segmenter.entries, blob_offset)
+    out.write(tail)
+    blob_hash.update(tail)
+    diff_hash.update(tail_uncompressed)
+    uncompressed_size += len(tail_uncompressed)
     return dict(
         blob_digest="sha256:" + blob_hash.hexdigest(),
-        blob_size=blob_offset + len(toc_blob.tail),
-        toc_digest=toc_blob.toc_digest,
+        blob_size=blob_offset + len(tail),
+        toc_digest=toc_digest,
         diff_id="sha256:" + diff_hash.hexdigest(),
-        uncompressed_size=uncompressed_size + len(toc_blob.uncompressed),
+        uncompressed_size=uncompressed_size,
+        media_type=framing.media_type,
+        annotations={oci.ANNOTATION_TOC_DIGEST: toc_digest,
+                     oci.ANNOTATION_UNCOMPRESSED_SIZE: str(uncompressed_size), **format_annotations},
     )
-

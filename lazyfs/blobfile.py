@@ -11,8 +11,7 @@ import os
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError, NotFound, VerificationError
-from lazyfs.format.codec import GzipCodec
-from lazyfs.format.estargz import FOOTER_SIZE, parse_footer, read_toc_member
+from lazyfs.format.seekable import MAX_FOOTER_SIZE, TOCRegion, locate_toc, parse_toc_region
 from lazyfs.format.toc import TOC, Chunk, ResolvedEntry, resolve
 
 
@@ -49,27 +48,32 @@ class LocalBlob:
 @dataclass
 class SeekableLayer:
     blob: LocalBlob
-    format: str  # "estargz"
+    region: TOCRegion  # the format, and where its TOC and data are
     toc: TOC
     toc_digest: str  # sha256 of the TOC JSON as stored
-    toc_blob_offset: int
-    footer_size: int
     entries: list[ResolvedEntry]
-    codec: GzipCodec
+    codec: object  # GzipCodec or ZstdCodec
+
+    @property
+    def format(self) -> str:
+        return self.region.format
+
+    @property
+    def toc_blob_offset(self) -> int:
+        return self.region.toc_start
+
+    @property
+    def footer_size(self) -> int:
+        return self.region.footer_size
 
     @classmethod
     def open(cls, blob: LocalBlob) -> "SeekableLayer":
-        tail = blob.read_at(max(0, blob.size - FOOTER_SIZE), min(blob.size, FOOTER_SIZE))
-        footer = parse_footer(tail)
-        toc_end = blob.size - footer.size
-        if not 0 <= footer.toc_blob_offset < toc_end:
-            raise FormatError(f"footer points at TOC offset {footer.toc_blob_offset}, outside "
-                              f"the blob's {toc_end} payload bytes")
-        toc, toc_digest = read_toc_member(blob.read_at(footer.toc_blob_offset,
-                                                       toc_end - footer.toc_blob_offset))
-        entries = resolve(toc, footer.toc_blob_offset)
-        return cls(blob, "estargz", toc, toc_digest, footer.toc_blob_offset, footer.size,
-                   entries, GzipCodec())
+        tail_size = min(blob.size, MAX_FOOTER_SIZE)
+        region = locate_toc(blob.read_at(blob.size - tail_size, tail_size), blob.size)
+        toc, toc_digest = parse_toc_region(
+            region, blob.read_at(region.toc_start, region.toc_end - region.toc_start))
+        entries = resolve(toc, region.data_end)
+        return cls(blob, region, toc, toc_digest, entries, region.codec())
 
     def check_toc_digest(self, expected: str) -> None:
         if self.toc_digest != expected:

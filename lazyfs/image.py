@@ -20,8 +20,8 @@ from typing import Callable
 
 from lazyfs import oci_layout
 from lazyfs.errors import FormatError, VerificationError
-from lazyfs.format import oci
-from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
+from lazyfs.format import oci, zstdchunked
+from lazyfs.format.seekable import MAX_FOOTER_SIZE, locate_toc
 from lazyfs.layer import LayerSpec
 from lazyfs.oci_layout import MAX_JSON_BYTES, Reference
 
@@ -66,13 +66,13 @@ def resolve_mount_image(ref: str, *, toc_digest: str | None = None, insecure: bo
 
 
 def _ends_with_footer(path: str) -> bool:
+    """A lone seekable blob (either format) rather than an image archive."""
     with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - FOOTER_SIZE))
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - MAX_FOOTER_SIZE))
         tail = f.read()
     try:
-        parse_footer(tail)
+        locate_toc(tail, size)
     except FormatError:
         return False
     return True
@@ -101,8 +101,11 @@ def _from_image(image, name: str, open_blob, insecure: bool, close) -> MountImag
                     "`lazyfs convert`) or its TOC is not pinned")
             if toc_digest is not None:
                 oci.check_digest(toc_digest, f"{name}: layer {number} TOC digest annotation")
+            annotations = desc.annotations or {}
+            position = (annotations.get(zstdchunked.ANNOTATION_MANIFEST_POSITION)
+                        or annotations.get(zstdchunked.STORAGE_ANNOTATION_MANIFEST_POSITION))
             specs.append(LayerSpec(source=open_blob(desc), toc_digest=toc_digest,
-                                   label=desc.digest, blob_size=desc.size))
+                                   label=desc.digest, blob_size=desc.size, toc_position=position))
     except BaseException:
         close()
         raise

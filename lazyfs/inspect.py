@@ -10,7 +10,7 @@ from lazyfs import oci_layout
 from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci
-from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
+from lazyfs.format.seekable import MAX_FOOTER_SIZE, locate_toc
 from lazyfs.format.toc import entry_to_json
 from lazyfs.verify import LayerCheck, verify_layer
 
@@ -25,7 +25,7 @@ def _layer_report(path: str) -> dict:
             "blob_size": blob.size,
             "toc_digest": layer.toc_digest,
             "toc_offset": layer.toc_blob_offset,
-            "toc_size": blob.size - layer.footer_size - layer.toc_blob_offset,
+            "toc_size": layer.region.toc_end - layer.region.toc_start,
             "footer_size": layer.footer_size,
             "entry_count": len(layer.entries),
             "chunk_count": chunk_count,
@@ -71,11 +71,12 @@ def _open_image_or_none(target: str):
 
 def _has_footer(path: str) -> bool:
     with LocalBlob(path) as blob:
-        tail = blob.read_at(max(0, blob.size - FOOTER_SIZE), min(blob.size, FOOTER_SIZE))
-    try:
-        parse_footer(tail)
-    except FormatError:
-        return False
+        tail_size = min(blob.size, MAX_FOOTER_SIZE)
+        tail = blob.read_at(blob.size - tail_size, tail_size)
+        try:
+            locate_toc(tail, blob.size)
+        except FormatError:
+            return False
     return True
 
 

@@ -7,13 +7,15 @@ the cached record is checked against the pinned TOC digest like a fetched one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format.codec import GzipCodec
-from lazyfs.format.estargz import FOOTER_SIZE, parse_footer, read_toc_member
+from lazyfs.format.seekable import (TOCRegion, locate_toc, parse_toc_region,
+                                    region_from_position_annotation)
 from lazyfs.format.toc import ResolvedEntry, resolve
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 # How much of the blob's end to read first. Most TOCs compress to well under this, so the
 # footer and the TOC arrive in one request; a bigger one costs a second request.
 TAIL_READ_BYTES = 512 << 10
+MIN_BLOB_SIZE = 40  # smaller than any footer
 
 
 @dataclass
@@ -31,6 +34,7 @@ class LayerSpec:
     toc_digest: str | None  # None only with --insecure-skip-verify
     label: str  # for messages and stats: the blob digest or the blob's location
     blob_size: int | None = None  # from the manifest descriptor: saves a request
+    toc_position: str | None = None  # zstd:chunked manifest-position annotation, if any
 
 
 @dataclass
@@ -41,7 +45,7 @@ class Layer:
     toc_digest: str
     toc_blob_offset: int
     entries: list[ResolvedEntry]
-    codec: GzipCodec = field(default_factory=GzipCodec)
+    codec: object = field(default_factory=GzipCodec)  # GzipCodec or ZstdCodec
     verified: bool = True  # False: mounted with --insecure-skip-verify and no pin
 
     @property
@@ -58,50 +62,59 @@ def open_layer(index: int, spec: LayerSpec, cache) -> Layer:
             if layer is not None:
                 return layer
     blob_size = spec.blob_size if spec.blob_size is not None else spec.source.size()
-    if blob_size < FOOTER_SIZE:
-        raise FormatError(f"{spec.label}: {blob_size} bytes is too small for an eStargz blob")
-    tail_offset = max(0, blob_size - TAIL_READ_BYTES)
-    tail = spec.source.read(tail_offset, blob_size - tail_offset)
-    footer = parse_footer(tail)
-    toc_end = blob_size - footer.size
-    if not 0 <= footer.toc_blob_offset < toc_end:
-        raise FormatError(f"{spec.label}: footer points at TOC offset {footer.toc_blob_offset}, "
-                          f"outside the blob's {toc_end} payload bytes")
-    if footer.toc_blob_offset >= tail_offset:
-        member = tail[footer.toc_blob_offset - tail_offset:toc_end - tail_offset]
-    else:  # a big TOC: fetch just the part the tail read missed
-        head = spec.source.read(footer.toc_blob_offset, tail_offset - footer.toc_blob_offset)
-        member = head + tail[:toc_end - tail_offset]
-    toc, toc_digest = read_toc_member(member)
+    if spec.toc_position is not None:
+        # The manifest says where the TOC is: one ranged read of just the TOC.
+        region = region_from_position_annotation(spec.toc_position, blob_size)
+        toc_bytes = spec.source.read(region.toc_start, region.toc_end - region.toc_start)
+    else:
+        region, toc_bytes = _read_tail_and_toc(spec, blob_size)
+    toc, toc_digest = parse_toc_region(region, toc_bytes)
     if spec.toc_digest and toc_digest != spec.toc_digest:
         raise VerificationError(f"{spec.label}: TOC digest is {toc_digest}, but "
                                 f"{spec.toc_digest} is pinned")
-    entries = resolve(toc, footer.toc_blob_offset)
+    entries = resolve(toc, region.data_end)
     if spec.toc_digest and cache is not None:
-        cache.put_toc(spec.toc_digest, _toc_record(blob_size, footer.toc_blob_offset, member))
-    return Layer(index, spec, blob_size, toc_digest, footer.toc_blob_offset, entries,
-                 verified=bool(spec.toc_digest))
+        cache.put_toc(spec.toc_digest, _toc_record(blob_size, region, toc_bytes))
+    return Layer(index, spec, blob_size, toc_digest, region.toc_start, entries,
+                 codec=region.codec(), verified=bool(spec.toc_digest))
+
+
+def _read_tail_and_toc(spec: LayerSpec, blob_size: int) -> tuple[TOCRegion, bytes]:
+    """One read of the blob's end (footer, and usually the whole TOC), a second one only for
+    the part of a big TOC the first missed."""
+    if blob_size < MIN_BLOB_SIZE:
+        raise FormatError(f"{spec.label}: {blob_size} bytes is too small for a seekable layer")
+    tail_offset = max(0, blob_size - TAIL_READ_BYTES)
+    tail = spec.source.read(tail_offset, blob_size - tail_offset)
+    region = locate_toc(tail, blob_size)
+    if region.toc_start >= tail_offset:
+        return region, tail[region.toc_start - tail_offset:region.toc_end - tail_offset]
+    head = spec.source.read(region.toc_start, tail_offset - region.toc_start)
+    return region, head + tail[:region.toc_end - tail_offset]
 
 
 # TOC cache record layout: one line of JSON metadata, a newline, then the compressed TOC member
 # exactly as it sits in the blob (so reading it back runs the same parser as a fetch).
-def _toc_record(blob_size: int, toc_blob_offset: int, member: bytes) -> bytes:
-    meta = json.dumps({"version": 1, "blob_size": blob_size, "toc_blob_offset": toc_blob_offset})
-    return meta.encode() + b"\n" + member
+def _toc_record(blob_size: int, region: TOCRegion, toc_bytes: bytes) -> bytes:
+    meta = json.dumps({"version": 2, "blob_size": blob_size, "region": dataclasses.asdict(region)})
+    return meta.encode() + b"\n" + toc_bytes
 
 
 def _from_toc_record(index: int, spec: LayerSpec, record: bytes) -> Layer | None:
     """A layer from a cached TOC record, or None if the record is unusable (then refetch)."""
     try:
-        meta_line, member = record.split(b"\n", 1)
+        meta_line, toc_bytes = record.split(b"\n", 1)
         meta = json.loads(meta_line)
-        toc, toc_digest = read_toc_member(member)
-        if toc_digest != spec.toc_digest or meta.get("version") != 1:
+        if meta.get("version") != 2:
+            raise FormatError("record of another version")
+        region = TOCRegion(**meta["region"])
+        toc, toc_digest = parse_toc_region(region, toc_bytes)
+        if toc_digest != spec.toc_digest:
             raise FormatError("stale record")
-        entries = resolve(toc, int(meta["toc_blob_offset"]))
-        return Layer(index, spec, int(meta["blob_size"]), toc_digest, int(meta["toc_blob_offset"]),
-                     entries)
-    except (ValueError, KeyError, TypeError, FormatError) as exc:
+        entries = resolve(toc, region.data_end)
+        return Layer(index, spec, int(meta["blob_size"]), toc_digest, region.toc_start, entries,
+                     codec=region.codec())
+    except (ValueError, KeyError, TypeError, FormatError) as exc:  # refetch instead
         log.warning("ignoring a bad cached TOC for %s: %s", spec.label, exc)
         return None
 

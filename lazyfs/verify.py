@@ -16,6 +16,8 @@ import gzip
 import hashlib
 import tarfile
 import zlib
+
+import zstandard
 from dataclasses import dataclass
 
 from lazyfs.blobfile import LocalBlob, SeekableLayer
@@ -118,16 +120,24 @@ class _CountingReader:
         return data
 
 
+def _stream_decompressor(fmt: str, compressed):
+    if fmt == "zstd:chunked":
+        # Skippable frames (the TOC, the footer) are skipped, as any zstd decoder does.
+        return zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=True)
+    return gzip.GzipFile(fileobj=compressed, mode="rb")
+
+
 def _verify_stream(layer: SeekableLayer) -> tuple[str, int, str]:
-    """Inflate the whole blob as one gzip stream and compare its tar with the TOC."""
+    """Inflate the whole blob as one stream, as a tool unaware of the format would, and compare
+    its tar with the TOC."""
     compressed = _HashingReader(layer.blob)
-    uncompressed = _CountingReader(gzip.GzipFile(fileobj=compressed, mode="rb"))
+    uncompressed = _CountingReader(_stream_decompressor(layer.format, compressed))
     expected = [item for item in layer.entries]
     try:
         with tarfile.open(fileobj=uncompressed, mode="r|") as tar:
             index = 0
             for info in tar:
-                if info.name == TOC_TAR_NAME and index == len(expected):
+                if info.name == TOC_TAR_NAME and index == len(expected) and layer.format == "estargz":
                     continue
                 if index >= len(expected):
                     raise VerificationError(f"tar entry {info.name!r} is not in the TOC")
@@ -138,7 +148,7 @@ def _verify_stream(layer: SeekableLayer) -> tuple[str, int, str]:
         # Drain what follows the end-of-archive (the footer member) so every byte is counted.
         while uncompressed.read(_READ_BUFFER):
             pass
-    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, zstandard.ZstdError) as exc:
         raise FormatError(f"blob does not inflate to a valid tar: {exc}") from None
     while compressed.read(_READ_BUFFER):
         pass

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from lazyfs.format.seekable import FORMATS
+
 from tests.servers import NginxServer, nginx_missing_reason
-from tests.testimage import image  # noqa: F401  (the session's multi-layer test image)
+from tests.testimage import image, source_image  # noqa: F401  (the session's test image fixtures)
 
 
 @pytest.fixture
@@ -19,3 +21,10 @@ def nginx(tmp_path):
     root.mkdir()
     with NginxServer(root) as server:
         yield server
+
+
+@pytest.fixture(params=FORMATS)
+def layer_format(request):
+    """Each seekable format in turn: the conversion, verification, cache and mount tests run
+    for both from this one parametrization."""
+    return request.param

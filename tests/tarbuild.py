@@ -78,11 +78,14 @@ def tar_of(directory: Path, *members, name: str = "layer.tar", format=tarfile.PA
     return path
 
 
-def extract(archive: Path, dest: Path, *, gzip: bool = False) -> Path:
+# How GNU tar reads each layer format: both are plain compressed tars to a tool unaware of them.
+_TAR_DECOMPRESS = {None: [], "estargz": ["--gzip"], "gzip": ["--gzip"], "zstd:chunked": ["--zstd"]}
+
+
+def extract(archive: Path, dest: Path, *, compression: str | None = None) -> Path:
     """Extract with GNU tar as root would: owners, modes, xattrs and devices kept."""
     dest.mkdir(parents=True, exist_ok=True)
-    flags = "-xzf" if gzip else "-xf"
-    subprocess.run(["tar", flags, str(archive), "-C", str(dest), "--same-owner",
+    subprocess.run(["tar", *_TAR_DECOMPRESS[compression], "-xf", str(archive), "-C", str(dest), "--same-owner",
                     "--same-permissions", "--xattrs", "--xattrs-include=*", "--numeric-owner"],
                    check=True, capture_output=True)
     return dest

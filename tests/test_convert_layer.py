@@ -13,7 +13,9 @@ import zstandard
 from converter.layer import LayerOptions, convert_layer
 from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.errors import FormatError, NotFound, VerificationError
+from lazyfs.format import zstdchunked
 from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
+from lazyfs.format.seekable import MAX_FOOTER_SIZE
 from lazyfs.verify import LayerCheck, verify_layer
 from tests.tarbuild import (ESTARGZ_EXTRAS, blockdev, chardev, dir_, extract, fifo, file_, hardlink,
                             symlink, tar_bytes, tar_of, tree_of)
@@ -56,17 +58,18 @@ def every_feature():
     ]
 
 
-def convert(tmp_path, tar_path, out_name="out.esgz", **options):
+def convert(tmp_path, layer_format, tar_path, out_name="out.blob", **options):
     out = tmp_path / out_name
-    result = convert_layer(str(tar_path), str(out), LayerOptions(chunk_size=CHUNK, **options))
+    result = convert_layer(str(tar_path), str(out),
+                           LayerOptions(chunk_size=CHUNK, format=layer_format, **options))
     return out, result
 
 
-def test_extracts_to_the_same_tree_as_the_input(tmp_path):
+def test_extracts_to_the_same_tree_as_the_input(tmp_path, layer_format):
     src = tar_of(tmp_path, *every_feature())
-    out, result = convert(tmp_path, src)
+    out, result = convert(tmp_path, layer_format, src)
     expected = tree_of(extract(src, tmp_path / "a"))
-    actual = tree_of(extract(out, tmp_path / "b", gzip=True), ignore=ESTARGZ_EXTRAS)
+    actual = tree_of(extract(out, tmp_path / "b", compression=layer_format), ignore=ESTARGZ_EXTRAS)
     assert actual == expected
     assert (tmp_path / "b" / "dup").read_bytes() == b"second wins"
     verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, blob_digest=result.blob_digest,
@@ -74,15 +77,15 @@ def test_extracts_to_the_same_tree_as_the_input(tmp_path):
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
-def test_gnu_and_ustar_inputs(tmp_path, tar_format):
+def test_gnu_and_ustar_inputs(tmp_path, layer_format, tar_format):
     members = [dir_("a/"), file_("a/" + "n" * 120 if tar_format == tarfile.GNU_FORMAT else "a/n", b"z" * 5000)]
     src = tar_of(tmp_path, *members, format=tar_format)
-    out, _ = convert(tmp_path, src)
-    assert tree_of(extract(out, tmp_path / "b", gzip=True), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
+    out, _ = convert(tmp_path, layer_format, src)
+    assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
 
 
-def test_every_payload_and_chunk_starts_a_gzip_member(tmp_path):
-    out, _ = convert(tmp_path, tar_of(tmp_path, *every_feature()))
+def test_every_payload_and_chunk_starts_a_member(tmp_path, layer_format):
+    out, _ = convert(tmp_path, layer_format, tar_of(tmp_path, *every_feature()))
     blob = out.read_bytes()
     with LocalBlob(str(out)) as local:
         layer = SeekableLayer.open(local)
@@ -91,20 +94,28 @@ def test_every_payload_and_chunk_starts_a_gzip_member(tmp_path):
         assert [c.file_offset for c in chunks] == [0, CHUNK, 2 * CHUNK, 3 * CHUNK]
         assert files["big"].entry.chunk_size == CHUNK  # first chunk of a chunked file says its size
         data = b"".join(layer.read_chunk(c) for c in chunks)
+        assert layer.format == layer_format
     assert data == BIG
     for chunk in chunks:
         # Each chunk's member inflates on its own, starting with the chunk's own bytes.
-        inflater = zlib.decompressobj(31)
-        alone = inflater.decompress(blob[chunk.blob_offset:chunk.blob_end])
-        assert inflater.eof
-        assert alone[:chunk.size] == BIG[chunk.file_offset:chunk.file_offset + chunk.size]
-    footer = parse_footer(blob[-FOOTER_SIZE:])
-    assert footer.size == FOOTER_SIZE
-    assert blob[footer.toc_blob_offset:footer.toc_blob_offset + 2] == b"\x1f\x8b"
+        member = blob[chunk.blob_offset:chunk.blob_end]
+        alone = layer.codec.decompress_prefix(member, chunk.size)
+        assert alone == BIG[chunk.file_offset:chunk.file_offset + chunk.size]
+        if layer_format == "zstd:chunked":
+            # ... and holds nothing else: [offset, endOffset) is exactly the chunk.
+            assert zstandard.ZstdDecompressor().decompress(member) == alone
+        else:
+            assert zlib.decompressobj(31).decompress(member)[:chunk.size] == alone
+    if layer_format == "estargz":
+        footer = parse_footer(blob[-FOOTER_SIZE:])
+        assert blob[footer.toc_blob_offset:footer.toc_blob_offset + 2] == b"\x1f\x8b"
+    else:
+        location = zstdchunked.parse_footer(blob[-zstdchunked.FOOTER_SIZE:])
+        assert blob[location.offset - 8:location.offset - 4] == zstdchunked.SKIPPABLE_MAGIC
 
 
-def test_toc_records_every_field(tmp_path):
-    out, _ = convert(tmp_path, tar_of(tmp_path, *every_feature()))
+def test_toc_records_every_field(tmp_path, layer_format):
+    out, _ = convert(tmp_path, layer_format, tar_of(tmp_path, *every_feature()))
     with LocalBlob(str(out)) as local:
         items = {item.path: item for item in SeekableLayer.open(local).entries}
     assert items[".no.prefetch.landmark"] is next(iter(items.values()))
@@ -125,53 +136,54 @@ def test_toc_records_every_field(tmp_path):
 
 
 @pytest.mark.parametrize("compress", ["gzip", "zstd"])
-def test_compressed_inputs(tmp_path, compress):
+def test_compressed_inputs(tmp_path, layer_format, compress):
     raw = tar_bytes(*every_feature())
     packed = gzip.compress(raw) if compress == "gzip" else zstandard.ZstdCompressor().compress(raw)
     src = tmp_path / "layer.tar.x"
     src.write_bytes(packed)
     plain = tmp_path / "plain.tar"
     plain.write_bytes(raw)
-    out_packed, r1 = convert(tmp_path, src)
+    out_packed, r1 = convert(tmp_path, layer_format, src)
     blob = out_packed.read_bytes()
-    out_plain, r2 = convert(tmp_path, plain)
+    out_plain, r2 = convert(tmp_path, layer_format, plain)
     assert blob == out_plain.read_bytes() and r1 == r2
 
 
-def test_reconverting_an_estargz_blob_gives_the_same_blob(tmp_path):
-    out, first = convert(tmp_path, tar_of(tmp_path, *every_feature()))
+def test_reconverting_an_estargz_blob_gives_the_same_blob(tmp_path, layer_format):
+    out, first = convert(tmp_path, layer_format, tar_of(tmp_path, *every_feature()))
     again = tmp_path / "again.esgz"
-    second = convert_layer(str(out), str(again), LayerOptions(chunk_size=CHUNK))
+    second = convert_layer(str(out), str(again), LayerOptions(chunk_size=CHUNK, format=layer_format))
     assert again.read_bytes() == out.read_bytes() and second.toc_digest == first.toc_digest
 
 
-def test_output_does_not_depend_on_worker_count(tmp_path):
+def test_output_does_not_depend_on_worker_count(tmp_path, layer_format):
     members = [file_(f"f{i}", os.urandom(i * 7000)) for i in range(40)] + [file_("big", BIG)]
     src = tar_of(tmp_path, *members)
     blobs = set()
     for workers in (1, 2, 7):
         out = tmp_path / f"out{workers}"
-        convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, workers=workers))
+        convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, workers=workers,
+                                                               format=layer_format))
         blobs.add(out.read_bytes())
     assert len(blobs) == 1
 
 
-def test_prioritized_files_come_first_with_parents_and_link_targets(tmp_path):
+def test_prioritized_files_come_first_with_parents_and_link_targets(tmp_path, layer_format):
     src = tar_of(tmp_path, dir_("usr/"), dir_("usr/bin/"), file_("usr/bin/a", b"a"),
                  dir_("lib/"), file_("lib/libc", b"libc"), hardlink("usr/bin/b", "lib/libc"),
                  file_("usr/bin/c", b"c"), file_("z", b"z"))
-    out, _ = convert(tmp_path, src, prioritized_files=("/usr/bin/b", "z"))
+    out, _ = convert(tmp_path, layer_format, src, prioritized_files=("/usr/bin/b", "z"))
     with LocalBlob(str(out)) as local:
         order = [item.path for item in SeekableLayer.open(local).entries]
     assert order == ["usr", "usr/bin", "lib", "lib/libc", "usr/bin/b", "z", ".prefetch.landmark",
                      "usr/bin/a", "usr/bin/c"]
-    assert tree_of(extract(out, tmp_path / "b", gzip=True), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
+    assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
 
 
-def test_missing_prioritized_file_is_an_error_and_leaves_nothing(tmp_path):
+def test_missing_prioritized_file_is_an_error_and_leaves_nothing(tmp_path, layer_format):
     src = tar_of(tmp_path, file_("a", b"a"))
     with pytest.raises(NotFound, match="not-there"):
-        convert(tmp_path, src, prioritized_files=("not-there",))
+        convert(tmp_path, layer_format, src, prioritized_files=("not-there",))
     assert os.listdir(tmp_path) == ["layer.tar"]
 
 
@@ -183,12 +195,12 @@ def test_missing_prioritized_file_is_an_error_and_leaves_nothing(tmp_path):
     (lambda raw: gzip.compress(raw)[:-30], "truncated"),
     (lambda raw: gzip.compress(raw)[:40] + b"\xff" * 200 + gzip.compress(raw)[240:], "corrupt"),
 ])
-def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, mangle, message):
+def test_bad_input_is_a_clear_error_and_leaves_nothing(tmp_path, layer_format, mangle, message):
     raw = tar_bytes(file_("a", os.urandom(2000)), file_("b", os.urandom(5000)), file_("c", b"c"))
     src = tmp_path / "bad.tar"
     src.write_bytes(mangle(raw))
     with pytest.raises(FormatError, match=message):
-        convert(tmp_path, src)
+        convert(tmp_path, layer_format, src)
     assert os.listdir(tmp_path) == ["bad.tar"]
 
 
@@ -198,8 +210,8 @@ def flip_byte(path, offset):
     path.write_bytes(bytes(data))
 
 
-def test_verify_catches_a_tampered_chunk(tmp_path):
-    out, result = convert(tmp_path, tar_of(tmp_path, file_("a", b"hello " * 1000), file_("big", BIG)))
+def test_verify_catches_a_tampered_chunk(tmp_path, layer_format):
+    out, result = convert(tmp_path, layer_format, tar_of(tmp_path, file_("a", b"hello " * 1000), file_("big", BIG)))
     with LocalBlob(str(out)) as local:
         chunk = {i.path: i for i in SeekableLayer.open(local).entries}["big"].chunks[1]
     flip_byte(out, chunk.blob_offset + 40)
@@ -213,7 +225,7 @@ def test_verify_catches_a_recompressed_chunk_with_other_content(tmp_path):
 
     # Level 0 stores blocks, so the forged member has the same length and every offset in the
     # TOC stays right: only the digest can tell.
-    out, result = convert(tmp_path, tar_of(tmp_path, file_("a", b"A" * 3000), file_("b", b"B" * 3000)),
+    out, result = convert(tmp_path, "estargz", tar_of(tmp_path, file_("a", b"A" * 3000), file_("b", b"B" * 3000)),
                           compression_level=0)
     blob = out.read_bytes()
     with LocalBlob(str(out)) as local:
@@ -227,12 +239,12 @@ def test_verify_catches_a_recompressed_chunk_with_other_content(tmp_path):
         verify_layer(str(out), LayerCheck())
 
 
-def test_verify_catches_a_tampered_toc(tmp_path):
-    out, result = convert(tmp_path, tar_of(tmp_path, file_("a", b"hello")))
-    other, _ = convert(tmp_path, tar_of(tmp_path, file_("a", b"hellO"), name="other.tar"), "other.esgz")
+def test_verify_catches_a_tampered_toc(tmp_path, layer_format):
+    out, result = convert(tmp_path, layer_format, tar_of(tmp_path, file_("a", b"hello")))
+    other, _ = convert(tmp_path, layer_format, tar_of(tmp_path, file_("a", b"hellO"), name="other.tar"), "other.blob")
     with pytest.raises(VerificationError, match="TOC digest"):
         verify_layer(str(out), LayerCheck(toc_digest=_digest_of_other(other)))
-    flip_byte(out, os.path.getsize(out) - FOOTER_SIZE - 20)
+    flip_byte(out, os.path.getsize(out) - MAX_FOOTER_SIZE - 20)  # inside the TOC
     with pytest.raises(FormatError):
         verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest))
 
@@ -242,16 +254,16 @@ def _digest_of_other(path):
         return SeekableLayer.open(local).toc_digest
 
 
-def test_verify_rejects_a_file_that_is_not_estargz(tmp_path):
+def test_verify_rejects_a_file_that_is_not_seekable(tmp_path):
     src = tar_of(tmp_path, file_("a", b"a"))
     plain_gz = tmp_path / "plain.tar.gz"
     plain_gz.write_bytes(gzip.compress(src.read_bytes()))
-    with pytest.raises(FormatError, match="no eStargz footer"):
+    with pytest.raises(FormatError, match="no eStargz or zstd:chunked footer"):
         verify_layer(str(plain_gz), LayerCheck())
 
 
 @pytest.mark.parametrize("tar_format", ["gnu", "posix"])
-def test_sparse_files_become_dense_regular_files(tmp_path, tar_format):
+def test_sparse_files_become_dense_regular_files(tmp_path, layer_format, tar_format):
     """GNU tar stores sparse files specially; the layer must hold their real bytes."""
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -264,7 +276,7 @@ def test_sparse_files_become_dense_regular_files(tmp_path, tar_format):
     import subprocess
     subprocess.run(["tar", "-cf", str(src), "--sparse", f"--format={tar_format}", "-C", str(tree), "sparse"],
                    check=True)
-    out, result = convert(tmp_path, src)
-    extracted = extract(out, tmp_path / "b", gzip=True)
+    out, result = convert(tmp_path, layer_format, src)
+    extracted = extract(out, tmp_path / "b", compression=layer_format)
     assert (extracted / "sparse").read_bytes() == (tree / "sparse").read_bytes()
     verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest))

@@ -12,7 +12,6 @@ from converter.layer import LayerOptions, convert_layer
 from lazyfs.cache import ChunkCache
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.fetch import ChunkFetcher
-from lazyfs.format.codec import GzipCodec
 from lazyfs.layer import LayerSpec, open_layer
 from tests.tarbuild import file_, tar_of
 
@@ -43,11 +42,11 @@ class RecordingSource:
 
 
 @pytest.fixture
-def layer_setup(tmp_path):
+def layer_setup(tmp_path, layer_format):
     content = {f"f{i}": os.urandom(CHUNK * 2 + i) for i in range(3)}
     src = tar_of(tmp_path, *(file_(name, data) for name, data in content.items()))
-    out = tmp_path / "layer.esgz"
-    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, compression_level=0))
+    out = tmp_path / "layer.blob"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, format=layer_format))
     source = RecordingSource(out.read_bytes())
     cache = ChunkCache(str(tmp_path / "cache"))
     layer = open_layer(0, LayerSpec(source, result.toc_digest, "test"), cache)
@@ -104,11 +103,11 @@ def test_forged_chunk_bytes_are_refused_and_not_cached(layer_setup):
     source, cache, layer, files, content = layer_setup
     chunk = files["f0"].chunks[0]
     member = bytes(source.data[chunk.blob_offset:chunk.blob_end])
-    # A perfectly valid gzip member (CRC and all) of the same length with other content: only
-    # the chunk digest can tell.
-    forged = GzipCodec(0).compress(b"X" * chunk.size)
-    assert len(forged) == len(member)
-    source.data[chunk.blob_offset:chunk.blob_end] = forged
+    # A perfectly valid member (gzip CRC or zstd checksum and all) with other content, padded
+    # to the original length so every offset stays right: only the chunk digest can tell.
+    forged = layer.codec.compress(b"X" * chunk.size)
+    assert len(forged) < len(member)
+    source.data[chunk.blob_offset:chunk.blob_end] = forged + bytes(len(member) - len(forged))
     fetcher = ChunkFetcher([layer], cache)
     with pytest.raises(VerificationError):
         read(fetcher, layer, files["f0"], 0, 10)

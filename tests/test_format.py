@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import struct
 import zlib
 
 import pytest
@@ -191,3 +192,85 @@ def test_modtime_formatting():
     assert parse_modtime("2023-11-14T22:13:20Z") == 1700000000
     assert parse_modtime("2023-11-15T00:13:20+02:00") == 1700000000
     assert parse_modtime("") == 0 and parse_modtime("yesterday") == 0
+
+
+# --- zstd:chunked ---------------------------------------------------------------------------
+
+from lazyfs.format import zstdchunked  # noqa: E402
+from lazyfs.format.codec import ZstdCodec  # noqa: E402
+from lazyfs.format.seekable import locate_toc, region_from_position_annotation  # noqa: E402
+
+
+@given(st.integers(0, 1 << 40), st.integers(1, 1 << 30), st.integers(0, 1 << 28))
+def test_zstd_footer_round_trip(offset, compressed, uncompressed):
+    location = zstdchunked.TOCLocation(offset, compressed, uncompressed, zstdchunked.FOOTER_SIZE)
+    footer = zstdchunked.build_footer(location)
+    assert len(footer) == 48 and footer.endswith(b"GnUlInUx") and footer[:4] == b"\x50\x2a\x4d\x18"
+    assert zstdchunked.parse_footer(b"frames" + footer) == location
+
+
+def storage_footer(offset, compressed, uncompressed, magic=b"GNUlInUx"):
+    """containers/storage's 64-byte footer, with a tar-split location before the magic."""
+    data = struct.pack("<QQQQQQQ", offset, compressed, uncompressed, 1, 999, 88, 777) + magic
+    return b"\x50\x2a\x4d\x18" + struct.pack("<I", len(data)) + data
+
+
+@pytest.mark.parametrize("magic", [b"GNUlInUx", b"GnUlInUx"])
+def test_containers_storage_footer_is_read(magic):
+    parsed = zstdchunked.parse_footer(b"x" * 100 + storage_footer(1000, 200, 5000, magic))
+    assert (parsed.offset, parsed.compressed_size, parsed.uncompressed_size, parsed.footer_size) == \
+        (1000, 200, 5000, 72)
+
+
+@pytest.mark.parametrize("tail, message", [
+    (b"\0" * 40 + b"GnUlInUx", "skippable frame of 40 or 64"),
+    (zstdchunked.skippable_frame(struct.pack("<QQQQ", 10, 5, 5, 2) + b"GnUlInUx"), "manifest type 2"),
+    (b"no footer here" * 5, "no zstd:chunked footer"),
+])
+def test_bad_zstd_footers_are_refused(tail, message):
+    with pytest.raises(FormatError, match=message):
+        zstdchunked.parse_footer(tail)
+
+
+def test_zstd_toc_outside_the_blob_is_refused():
+    footer = zstdchunked.build_footer(zstdchunked.TOCLocation(900, 500, 10, zstdchunked.FOOTER_SIZE))
+    with pytest.raises(FormatError, match="outside the blob"):
+        locate_toc(footer, 1000)
+
+
+def test_position_annotation():
+    region = region_from_position_annotation("100:50:400:1", 1000)
+    assert (region.toc_start, region.toc_end, region.data_end, region.format) == (100, 150, 92, "zstd:chunked")
+    for bad in ("100:50:400", "a:b:c:d", "100:50:400:2", "-1:50:400:1"):
+        with pytest.raises(FormatError):
+            region_from_position_annotation(bad, 1000)
+
+
+def test_zstd_toc_frame_round_trip_and_bounds():
+    toc = TOC([reg("a", 1, 0)])
+    frames = zstdchunked.build_toc_frames(toc, 4096, ZstdCodec())
+    assert frames.location.offset == 4096 + 8
+    parsed, digest = zstdchunked.read_toc_frame(frames.compressed_toc, frames.location.uncompressed_size)
+    assert parsed == toc and digest == frames.toc_digest
+    with pytest.raises(FormatError, match="declared"):
+        zstdchunked.read_toc_frame(frames.compressed_toc, frames.location.uncompressed_size - 5)
+
+
+@given(st.binary(max_size=5000), st.sampled_from([1, 3, 19]))
+@settings(max_examples=30)
+def test_zstd_codec_frames_are_standard_zstd(data, level):
+    import zstandard
+    frame = ZstdCodec(level).compress(data)
+    assert zstandard.ZstdDecompressor().decompress(frame) == data
+    if data:
+        assert ZstdCodec().decompress_prefix(frame + b"next", len(data)) == data
+        with pytest.raises(FormatError, match="ends after"):
+            ZstdCodec().decompress_prefix(frame, len(data) + 1)
+
+
+def test_end_offset_bounds_a_chunk_range():
+    toc = TOC([reg("a", 10, 100, end_offset=150), reg("b", 5, 300, end_offset=320)])
+    items = resolve(toc, toc_blob_offset=400)
+    assert (items[0].chunks[0].blob_end, items[1].chunks[0].blob_end) == (150, 320)
+    with pytest.raises(FormatError, match="endOffset"):
+        resolve(TOC([reg("a", 10, 100, end_offset=90)]), toc_blob_offset=400)

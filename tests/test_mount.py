@@ -156,7 +156,7 @@ def test_lone_blob_needs_a_pin(image, mount_dir, tmp_path):
 
     with open_image(f"{converted}:{TAG}") as img:
         desc = img.layers[1]
-        blob = tmp_path / "upper.esgz"
+        blob = tmp_path / "upper.blob"
         shutil.copy(img.blobs.unverified_path(desc), blob)
         toc_digest = desc.annotations["containerd.io/snapshot/stargz/toc.digest"]
     mount_dir.mkdir(exist_ok=True)

@@ -16,15 +16,15 @@ from tests.tarbuild import (ESTARGZ_EXTRAS, blockdev, chardev, dir_, extract, fi
                             symlink, tar_of, tree_of)
 
 
-def test_python_standard_library_round_trip(tmp_path):
+def test_python_standard_library_round_trip(tmp_path, layer_format):
     """A real tree: a good slice of the CPython stdlib as GNU tar archives it (with xattrs)."""
     stdlib = sysconfig.get_paths()["stdlib"]
     src = tmp_path / "stdlib.tar"
     subprocess.run(["tar", "-cf", str(src), "--xattrs", "--exclude=__pycache__", "--exclude=site-packages",
                     "--exclude=test", "-C", stdlib, "."], check=True)
-    out = tmp_path / "stdlib.esgz"
-    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=256 * 1024))
-    assert tree_of(extract(out, tmp_path / "b", gzip=True), ESTARGZ_EXTRAS) == \
+    out = tmp_path / "stdlib.blob"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=256 * 1024, format=layer_format))
+    assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == \
         tree_of(extract(src, tmp_path / "a"))
     report = verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, diff_id=result.diff_id,
                                                blob_digest=result.blob_digest,
@@ -92,13 +92,14 @@ def trees(draw):
 @given(members=trees(), chunk_size=st.sampled_from([4096, 10000, 1 << 20]),
        prioritize_first=st.booleans())
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_generated_trees_round_trip(tmp_path_factory, members, chunk_size, prioritize_first):
+def test_generated_trees_round_trip(tmp_path_factory, layer_format, members, chunk_size, prioritize_first):
     tmp_path = tmp_path_factory.mktemp("tree")
     src = tar_of(tmp_path, *members)
     listed = (members[-1][0].name,) if prioritize_first else ()
-    out = tmp_path / "out.esgz"
-    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=chunk_size, prioritized_files=listed))
-    assert tree_of(extract(out, tmp_path / "b", gzip=True), ESTARGZ_EXTRAS) == \
+    out = tmp_path / "out.blob"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=chunk_size, prioritized_files=listed,
+                                                            format=layer_format))
+    assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == \
         tree_of(extract(src, tmp_path / "a"))
     verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, diff_id=result.diff_id,
                                       blob_digest=result.blob_digest))

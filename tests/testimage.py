@@ -12,6 +12,7 @@ import pytest
 
 from converter.image import convert_image
 from converter.layer import LayerOptions
+from lazyfs.format.seekable import FORMATS
 from tests.imagebuild import write_layout
 from tests.mounting import require_fuse
 from tests.tarbuild import blockdev, chardev, dir_, fifo, file_, hardlink, symlink
@@ -57,16 +58,24 @@ def upper_layer():
 
 
 @pytest.fixture(scope="session")
-def image(tmp_path_factory):
-    """(source layout, converted layout, the oracle rootfs)"""
+def source_image(tmp_path_factory):
+    """(source layout, the oracle rootfs), built once for both formats."""
     require_fuse()
     if shutil.which("umoci") is None:
         pytest.skip("umoci is missing (apt-get install umoci): it is the independent oracle")
     root = tmp_path_factory.mktemp("image")
     source = write_layout(root / "source", [base_layer(), upper_layer()], TAG)
-    converted = root / "converted"
-    convert_image(f"{source}:{TAG}", str(converted), archive=False, options=LayerOptions())
     bundle = root / "bundle"
     subprocess.run(["umoci", "unpack", "--image", f"{source}:{TAG}", str(bundle)], check=True,
                    capture_output=True)
-    return source, converted, bundle / "rootfs"
+    return source, bundle / "rootfs"
+
+
+@pytest.fixture(scope="session", params=FORMATS)
+def image(request, source_image, tmp_path_factory):
+    """(source layout, converted layout, the oracle rootfs), once per seekable format."""
+    source, rootfs = source_image
+    converted = tmp_path_factory.mktemp("converted") / request.param.replace(":", "-")
+    convert_image(f"{source}:{TAG}", str(converted), archive=False,
+                  options=LayerOptions(format=request.param))
+    return source, converted, rootfs

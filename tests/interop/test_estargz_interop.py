@@ -22,13 +22,18 @@ import posixpath
 import random
 import subprocess
 import sys
+import struct
 import sysconfig
 import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 pytestmark = pytest.mark.interop
+
+# Our --format name -> the checker's -format name (the reference zstdchunked package).
+GO_FORMAT = {"estargz": "gzip", "zstd:chunked": "zstd"}
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 1 << 20  # 1 MiB, so the 3 MiB file below is split into chunks
@@ -91,12 +96,19 @@ def go_check(esgzcheck: Path, blob: Path, toc_digest: str) -> dict[str, dict]:
 
 
 def read_toc(blob: bytes) -> tuple[int, dict]:
-    """Parse an eStargz blob's footer and TOC independently of lazyfs.
+    """Parse a blob's footer and TOC independently of lazyfs.
 
-    The 51-byte footer is an empty gzip member whose extra field is
+    eStargz: the 51-byte footer is an empty gzip member whose extra field is
     "SG" + len(22) + 16 hex digits of the TOC offset + "STARGZ"; the TOC is a
     gzip member holding a tar with stargz.index.json.
+    zstd:chunked: the last 40 bytes are the footer's data (TOC offset and
+    compressed length, little-endian uint64s, ..., magic); the TOC is a zstd
+    frame of JSON.
     """
+    if blob.endswith(b"GnUlInUx"):
+        toc_off, toc_len = struct.unpack_from("<QQ", blob, len(blob) - 40)
+        return toc_off, json.loads(zstandard.ZstdDecompressor().decompress(
+            blob[toc_off:toc_off + toc_len], max_output_size=1 << 28))
     footer = blob[-51:]
     assert footer[12:14] == b"SG" and footer[32:38] == b"STARGZ", "not an eStargz footer"
     toc_off = int(footer[16:32], 16)
@@ -241,11 +253,11 @@ def synthetic_tar(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- the Go side alone
 
 
-def test_go_reference_roundtrip(esgzcheck, input_tar, tmp_path):
+def test_go_reference_roundtrip(esgzcheck, input_tar, layer_format, tmp_path):
     """Harness sanity: Go build -> Go check matches the tar, so a failure in the
     tests below points at lazyfs, not at the checker or the expectations."""
-    blob = tmp_path / "go.esgz"
-    digest = go_build(esgzcheck, input_tar, blob, "-chunk-size", CHUNK)
+    blob = tmp_path / "go.blob"
+    digest = go_build(esgzcheck, input_tar, blob, "-chunk-size", CHUNK, "-format", GO_FORMAT[layer_format])
     assert_matches_tar(go_check(esgzcheck, blob, digest), input_tar)
     # A wrong digest must be rejected by the checker itself.
     bad = "sha256:" + "0" * 64
@@ -256,9 +268,9 @@ def test_go_reference_roundtrip(esgzcheck, input_tar, tmp_path):
 
 
 @pytest.mark.parametrize("chunk_size", [CHUNK, None], ids=["chunk1M", "default-chunk"])
-def test_our_blob_read_by_go(esgzcheck, input_tar, chunk_size, tmp_path):
-    blob = tmp_path / "ours.esgz"
-    opts = ["--chunk-size", chunk_size] if chunk_size else []
+def test_our_blob_read_by_go(esgzcheck, input_tar, chunk_size, layer_format, tmp_path):
+    blob = tmp_path / "ours.blob"
+    opts = ["--format", layer_format] + (["--chunk-size", chunk_size] if chunk_size else [])
     digest = lazyfs_convert(input_tar, blob, *opts)
     assert_matches_tar(go_check(esgzcheck, blob, digest), input_tar)
     if chunk_size and "synthetic" in input_tar.name:
@@ -285,9 +297,10 @@ def test_our_prioritized_blob_read_by_go(esgzcheck, synthetic_tar, tmp_path):
 
 
 @pytest.fixture
-def go_blob(esgzcheck, input_tar, tmp_path) -> tuple[Path, str]:
-    blob = tmp_path / "go.esgz"
-    return blob, go_build(esgzcheck, input_tar, blob, "-chunk-size", CHUNK)
+def go_blob(esgzcheck, input_tar, layer_format, tmp_path) -> tuple[Path, str]:
+    blob = tmp_path / "go.blob"
+    return blob, go_build(esgzcheck, input_tar, blob, "-chunk-size", CHUNK,
+                          "-format", GO_FORMAT[layer_format])
 
 
 def assert_rejected(proc: subprocess.CompletedProcess) -> None:
@@ -320,15 +333,15 @@ def test_go_blob_inspected_by_us(go_blob, input_tar):
 
 
 @pytest.mark.parametrize("target", ["big.bin", "etc/motd"])
-def test_tampered_go_blob_fails_verify(esgzcheck, synthetic_tar, target, tmp_path):
+def test_tampered_go_blob_fails_verify(esgzcheck, synthetic_tar, target, layer_format, tmp_path):
     """Flip one byte in the middle of a file chunk's gzip member.
 
     big.bin is random, so deflate stores it raw and the flip yields valid
     gzip with wrong content (only a digest/CRC check can catch it); etc/motd
     is text, so the flip corrupts a Huffman-coded stream.
     """
-    blob = tmp_path / "go.esgz"
-    digest = go_build(esgzcheck, synthetic_tar, blob, "-chunk-size", CHUNK)
+    blob = tmp_path / "go.blob"
+    digest = go_build(esgzcheck, synthetic_tar, blob, "-chunk-size", CHUNK, "-format", GO_FORMAT[layer_format])
     data = bytearray(blob.read_bytes())
     toc_off, toc = read_toc(bytes(data))
     offsets = sorted({e["offset"] for e in toc["entries"] if e.get("offset")} | {toc_off})

@@ -7,9 +7,12 @@
 //	    and verify every chunk against its chunkDigest. Prints one JSON
 //	    object per tree entry (JSON lines) on stdout.
 //
-//	esgzcheck build IN.tar OUT.esgz [-level N] [-chunk-size N] [-prioritized FILE]
+//	esgzcheck build IN.tar OUT.esgz [-level N] [-chunk-size N] [-prioritized FILE] [-format F]
 //	    estargz.Build IN.tar into OUT.esgz; prints the TOC digest on line 1
-//	    and the DiffID on line 2.
+//	    and the DiffID on line 2. -format zstd builds zstd:chunked with the
+//	    reference zstdchunked package (level: a zstd level, 3 by default).
+//
+// check accepts both formats: Open is given the zstdchunked decompressor too.
 //
 // Any error goes to stderr with exit status 1.
 package main
@@ -27,6 +30,8 @@ import (
 	"strings"
 
 	"github.com/containerd/stargz-snapshotter/estargz"
+	"github.com/containerd/stargz-snapshotter/estargz/zstdchunked"
+	"github.com/klauspost/compress/zstd"
 	digest "github.com/opencontainers/go-digest"
 )
 
@@ -93,7 +98,8 @@ func cmdCheck(args []string) error {
 	if err != nil {
 		return err
 	}
-	r, err := estargz.Open(io.NewSectionReader(f, 0, st.Size()))
+	r, err := estargz.Open(io.NewSectionReader(f, 0, st.Size()),
+		estargz.WithDecompressors(new(zstdchunked.Decompressor)))
 	if err != nil {
 		return fmt.Errorf("open: %w", err)
 	}
@@ -204,7 +210,8 @@ func cmdBuild(args []string) error {
 	}
 	in, outPath := args[0], args[1]
 	fs := flag.NewFlagSet("build", flag.ContinueOnError)
-	level := fs.Int("level", 9, "gzip compression level")
+	level := fs.Int("level", -1, "compression level (default: 9 for gzip, 3 for zstd)")
+	format := fs.String("format", "gzip", "gzip (eStargz) or zstd (zstd:chunked)")
 	chunkSize := fs.Int("chunk-size", 0, "chunk size in bytes (0: library default)")
 	prioFile := fs.String("prioritized", "", "file listing prioritized paths, one per line")
 	if err := fs.Parse(args[2:]); err != nil {
@@ -213,7 +220,23 @@ func cmdBuild(args []string) error {
 	if fs.NArg() != 0 {
 		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
-	opts := []estargz.Option{estargz.WithCompressionLevel(*level)}
+	var opts []estargz.Option
+	switch *format {
+	case "gzip":
+		if *level < 0 {
+			*level = 9
+		}
+		opts = append(opts, estargz.WithCompressionLevel(*level))
+	case "zstd":
+		if *level < 0 {
+			*level = 3
+		}
+		opts = append(opts, estargz.WithCompression(zstdCompression{
+			&zstdchunked.Compressor{CompressionLevel: zstd.EncoderLevelFromZstd(*level)},
+			&zstdchunked.Decompressor{}}))
+	default:
+		return fmt.Errorf("unknown format %q", *format)
+	}
 	if *chunkSize > 0 {
 		opts = append(opts, estargz.WithChunkSize(*chunkSize))
 	}
@@ -260,4 +283,11 @@ func cmdBuild(args []string) error {
 	fmt.Println(blob.TOCDigest())
 	fmt.Println(blob.DiffID())
 	return nil
+}
+
+// zstdCompression pairs the reference zstd:chunked compressor and decompressor, which
+// estargz.Build wants as one estargz.Compression.
+type zstdCompression struct {
+	*zstdchunked.Compressor
+	*zstdchunked.Decompressor
 }
