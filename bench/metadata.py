@@ -58,9 +58,10 @@ sys.path.insert(0, str(REPO))
 from converter.image import convert_image  # noqa: E402
 from converter.layer import LayerOptions  # noqa: E402
 from lazyfs.format import oci  # noqa: E402
+from bench.benchlib import (Mount, check_system, drop_caches, other_cpu_use,  # noqa: E402
+                            sha256_file, write_one_layer_layout)
 
 TAG = "bench"
-MOUNT_DEADLINE_SECONDS = 120
 MOUNT_GOAL_SECONDS = 1.0
 MEMORY_GOAL_BYTES_PER_ENTRY = 1024
 IMPORTS = "import pyfuse3, trio, lazyfs.cli, lazyfs.mount, lazyfs.image, lazyfs.layer, " \
@@ -111,36 +112,6 @@ def write_tar(path: Path, members) -> int:
     return count
 
 
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            sha.update(block)
-    return "sha256:" + sha.hexdigest()
-
-
-def write_source_layout(layout: Path, layer_tar: Path) -> None:
-    """An OCI layout with the one plain-tar layer, tagged TAG."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    digest = _sha256_file(layer_tar)
-    layer = oci.Descriptor(oci.OCI_LAYER_TAR, digest, layer_tar.stat().st_size)
-    shutil.copyfile(layer_tar, blobs / digest.split(":", 1)[1])
-
-    def put(data: bytes, media_type: str, annotations=None) -> oci.Descriptor:
-        desc = oci.descriptor_of(media_type, data, annotations)
-        (blobs / desc.digest.split(":", 1)[1]).write_bytes(data)
-        return desc
-
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [digest]}}
-    config_desc = put(oci.encode_json(config), oci.OCI_CONFIG)
-    manifest = put(oci.encode_json(oci.build_manifest(config_desc, [layer])), oci.OCI_MANIFEST,
-                   {oci.ANNOTATION_REF_NAME: TAG})
-    (layout / "oci-layout").write_bytes(oci.OCI_LAYOUT_FILE_BYTES)
-    (layout / "index.json").write_bytes(oci.encode_json(oci.build_index([manifest])))
-
-
 def build_key(args) -> str:
     sha = hashlib.sha256(json.dumps([args.dirs, args.files_per_dir, args.level,
                                      args.chunk_size]).encode())
@@ -154,7 +125,8 @@ def convert(work: Path, name: str, members, args) -> tuple[int, int]:
     """Tar, layout and eStargz image `work/name`; (entries in the tar, eStargz blob bytes)."""
     tar_path = work / f"{name}.tar"
     count = write_tar(tar_path, members)
-    write_source_layout(work / f"{name}-source", tar_path)
+    write_one_layer_layout(work / f"{name}-source", tar_path, oci.OCI_LAYER_TAR,
+                           sha256_file(tar_path), TAG)
     convert_image(f"{work / f'{name}-source'}:{TAG}", str(work / name), archive=False,
                   options=LayerOptions(chunk_size=args.chunk_size, compression_level=args.level),
                   progress=False)
@@ -192,33 +164,6 @@ def prepare(args) -> tuple[Path, dict]:
 
 # --- system helpers ------------------------------------------------------------------------------
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def other_cpu_use(seconds: float = 1.0) -> float:
-    """Fraction of all CPUs busy over `seconds` while this benchmark is idle: other load."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def check_system() -> None:
-    if os.geteuid() != 0:
-        sys.exit("run as root: the benchmark drops the page cache and mounts with allow_other")
-    if not os.path.exists("/dev/fuse"):
-        sys.exit("no /dev/fuse on this machine")
-    if shutil.which("fusermount3") is None:
-        sys.exit("fusermount3 is missing (apt-get install fuse3)")
-
-
 def vm_status(pid: int) -> dict[str, int]:
     """VmRSS and VmHWM of a process, in bytes."""
     out = {}
@@ -228,56 +173,6 @@ def vm_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     return out
-
-
-class Mount:
-    """A `lazyfs mount --foreground` daemon; `seconds` is the time until it answered a stat of
-    its root. Always unmounted on exit."""
-
-    def __init__(self, image: str, mountpoint: Path, cache_dir: Path, log: Path):
-        self.image, self.mountpoint, self.cache_dir, self.log = image, mountpoint, cache_dir, log
-        self.daemon: subprocess.Popen | None = None
-        self.seconds = 0.0
-
-    def __enter__(self) -> Mount:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        if os.path.ismount(self.mountpoint):
-            sys.exit(f"{self.mountpoint} is already a mount point")
-        cmd = [sys.executable, "-m", "lazyfs", "mount", "--foreground", "--cache-dir",
-               str(self.cache_dir), self.image, str(self.mountpoint)]
-        with open(self.log, "ab") as log:
-            start = time.perf_counter()
-            self.daemon = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + MOUNT_DEADLINE_SECONDS
-            while True:
-                if os.path.ismount(self.mountpoint):
-                    os.stat(self.mountpoint)  # served by the daemon: the mount answers
-                    self.seconds = time.perf_counter() - start
-                    break
-                if self.daemon.poll() is not None:
-                    raise RuntimeError(f"the mount daemon exited with {self.daemon.returncode}:\n"
-                                       + self.log.read_text(errors="replace")[-3000:])
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the mount did not appear in time:\n"
-                                       + self.log.read_text(errors="replace")[-3000:])
-                time.sleep(0.002)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        if self.daemon is None:
-            return
-        try:
-            self.daemon.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            self.daemon.wait()
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
 
 
 # --- walks ---------------------------------------------------------------------------------------

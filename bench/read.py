@@ -84,14 +84,14 @@ sys.path.insert(0, str(REPO))
 from converter.image import convert_image  # noqa: E402
 from converter.layer import LayerOptions  # noqa: E402
 from lazyfs.format import oci  # noqa: E402
+from bench.benchlib import (Mount, check_system, drop_caches,  # noqa: E402
+                            report_machine_load, write_one_layer_layout)
 
 MB = 1e6
 MIB = 1 << 20
 PAGE = 4096
 REGION = 4 * MIB  # big files alternate random / text regions of this size
 TAG = "bench"
-MOUNT_DEADLINE_SECONDS = 60
-STATS_XATTR = "user.lazyfs.stats"
 RANDOM_SEED = 20240601
 WORKLOADS = ("seq", "small", "random")
 # How the goals read: warm within 1.5x of local disk; cold sequential >= 200 MB/s.
@@ -128,14 +128,6 @@ class _HashingWriter(io.RawIOBase):
         self.out.write(data)
         self.size += len(data)
         return len(data)
-
-
-def _sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(MIB):
-            sha.update(block)
-    return "sha256:" + sha.hexdigest()
 
 
 def build_layer(path: Path, args) -> tuple[list[str], list[str], str]:
@@ -184,27 +176,6 @@ def build_layer(path: Path, args) -> tuple[list[str], list[str], str]:
     return big, small, "sha256:" + hashing.sha.hexdigest()
 
 
-def write_source_layout(layout: Path, layer_gz: Path, diff_id: str) -> None:
-    """An OCI layout with the one gzip layer, tagged TAG: what `docker save` would give."""
-    blobs = layout / "blobs" / "sha256"
-    blobs.mkdir(parents=True)
-    layer = oci.Descriptor(oci.OCI_LAYER_GZIP, _sha256_file(layer_gz), layer_gz.stat().st_size)
-    os.link(layer_gz, blobs / layer.digest.split(":", 1)[1])
-
-    def put(data: bytes, media_type: str, annotations=None) -> oci.Descriptor:
-        desc = oci.descriptor_of(media_type, data, annotations)
-        (blobs / desc.digest.split(":", 1)[1]).write_bytes(data)
-        return desc
-
-    config = {"architecture": "amd64", "os": "linux", "config": {},
-              "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
-    config_desc = put(oci.encode_json(config), oci.OCI_CONFIG)
-    manifest = put(oci.encode_json(oci.build_manifest(config_desc, [layer])), oci.OCI_MANIFEST,
-                   {oci.ANNOTATION_REF_NAME: TAG})
-    (layout / "oci-layout").write_bytes(oci.OCI_LAYOUT_FILE_BYTES)
-    (layout / "index.json").write_bytes(oci.encode_json(oci.build_index([manifest])))
-
-
 FORMATS = ("estargz", "zstd:chunked")
 LEVELS = {"estargz": 9, "zstd:chunked": 3}  # each format's default level
 ZSTD_COLD_SEQ_FACTOR = 2.0  # goal: zstd cold sequential reads at least 2x gzip's
@@ -236,7 +207,7 @@ def prepare(work: Path, args) -> dict:
     layer_gz = work / "layer.tar.gz"
     start = time.perf_counter()
     big, small, diff_id = build_layer(layer_gz, args)
-    write_source_layout(work / "source", layer_gz, diff_id)
+    write_one_layer_layout(work / "source", layer_gz, oci.OCI_LAYER_GZIP, diff_id, TAG)
     built = time.perf_counter()
     print(f"built the layer in {built - start:.1f} s; converting to {', '.join(FORMATS)}...",
           file=sys.stderr)
@@ -344,90 +315,6 @@ def random_plan(info: dict, args) -> list[tuple[int, int]]:
 
 
 # --- system helpers ----------------------------------------------------------------------------
-
-def drop_caches() -> None:
-    os.sync()  # only clean pages are dropped: write back the extracted tree and the chunk cache
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def other_cpu_use(seconds: float = 1.0) -> float:
-    """Fraction of all CPUs busy over `seconds` while this benchmark is idle: other load."""
-    def sample():
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-    total0, idle0 = sample()
-    time.sleep(seconds)
-    total1, idle1 = sample()
-    return 1 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def report_machine_load() -> float:
-    busy = other_cpu_use()
-    print(f"other CPU use before measuring: {busy:.0%} of {os.cpu_count()} CPUs"
-          + ("  WARNING: the machine is busy; figures will be low and noisy" if busy > 0.2 else ""))
-    return busy
-
-
-def check_system() -> None:
-    if os.geteuid() != 0:
-        sys.exit("run as root: the benchmark drops the page cache and mounts with allow_other")
-    if not os.path.exists("/dev/fuse"):
-        sys.exit("no /dev/fuse on this machine")
-    if shutil.which("fusermount3") is None:
-        sys.exit("fusermount3 is missing (apt-get install fuse3)")
-
-
-class Mount:
-    """A `lazyfs mount --foreground` daemon in a subprocess; always unmounted on exit."""
-
-    def __init__(self, image: str, mountpoint: Path, cache_dir: Path, log: Path):
-        self.image, self.mountpoint, self.cache_dir, self.log = image, mountpoint, cache_dir, log
-        self.daemon: subprocess.Popen | None = None
-
-    def __enter__(self) -> Mount:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        if os.path.ismount(self.mountpoint):
-            sys.exit(f"{self.mountpoint} is already a mount point")
-        with open(self.log, "ab") as log:
-            self.daemon = subprocess.Popen(
-                [sys.executable, "-m", "lazyfs", "mount", "--foreground", "--cache-dir",
-                 str(self.cache_dir), self.image, str(self.mountpoint)],
-                stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + MOUNT_DEADLINE_SECONDS
-            while not os.path.ismount(self.mountpoint):
-                if self.daemon.poll() is not None:
-                    raise RuntimeError(f"the mount daemon exited with {self.daemon.returncode}:\n"
-                                       + self.log.read_text(errors="replace")[-3000:])
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the mount did not appear in time:\n"
-                                       + self.log.read_text(errors="replace")[-3000:])
-                time.sleep(0.01)
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
-
-    def stats(self) -> dict:
-        """The daemon's counters summed over layers (read outside the timed passes)."""
-        report = json.loads(os.getxattr(self.mountpoint, STATS_XATTR))
-        keys = ("chunks_fetched", "bytes_fetched", "cache_hits", "cache_misses", "bytes_served")
-        return {k: sum(layer.get(k, 0) for layer in report["layers"]) for k in keys}
-
-    def __exit__(self, *exc) -> None:
-        if os.path.ismount(self.mountpoint):
-            subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
-        if self.daemon is None:
-            return
-        try:
-            self.daemon.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.daemon.kill()
-            self.daemon.wait()
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)], capture_output=True)
-
 
 # --- the run -------------------------------------------------------------------------------------
 
