@@ -14,6 +14,13 @@ import sys
 
 from lazyfs import __version__
 from lazyfs.errors import LazyfsError, NotFound
+from lazyfs.format.seekable import FORMATS
+
+
+class UsageError(LazyfsError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
 
 log = logging.getLogger("lazyfs")
 
@@ -21,6 +28,23 @@ log = logging.getLogger("lazyfs")
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text}")
     return value
 
@@ -41,8 +65,10 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--archive", action="store_true", help="write an oci-archive tar instead of a layout")
     convert.add_argument("--chunk-size", type=_positive_int, default=4 << 20, metavar="BYTES",
                          help="largest uncompressed chunk of a file (default 4 MiB)")
-    convert.add_argument("--compression-level", type=int, default=9, choices=range(0, 10),
-                         metavar="0-9", help="deflate level (default 9, as the reference uses)")
+    convert.add_argument("--format", choices=FORMATS, default="estargz",
+                         help="estargz (gzip members, the default) or zstd:chunked (zstd frames)")
+    convert.add_argument("--compression-level", type=int, metavar="N",
+                         help="gzip 0-9 (default 9, as the reference uses) or zstd 1-22 (default 3)")
     convert.add_argument("--prioritize", metavar="LIST",
                          help="file of paths (one per line, in access order) to put first for prefetch")
     convert.add_argument("--workers", type=_positive_int, metavar="N",
@@ -96,6 +122,22 @@ def _build_parser() -> argparse.ArgumentParser:
                           "namespace with only loopback")
     _add_mount_options(run)
     run.set_defaults(run=_cmd_run)
+
+    record = commands.add_parser(
+        "record", help="run a program as `run` does and list the files it read, in order: "
+                       "lazyfs record IMAGE --output LIST [-- CMD ARGS...]",
+        description="Run CMD from IMAGE exactly as `lazyfs run` does and write LIST: the "
+                    "regular files it read (image paths relative to the root, one per line), in "
+                    "first-read order, recorded by the mount itself. `lazyfs convert IMAGE OUT "
+                    "--prioritize LIST` puts them first so that mounts prefetch them. The "
+                    "program's output streams through and its exit status is returned; LIST is "
+                    "written only when the program ran. Options go before IMAGE, or after it "
+                    "and before `--`.")
+    record.add_argument("image")
+    record.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
+                        help="the program to run (default: the image's Entrypoint + Cmd)")
+    _add_record_options(record)
+    record.set_defaults(run=_cmd_record)
 
     umount = commands.add_parser("umount", help="unmount (also clears the mount of a dead daemon)")
     umount.add_argument("mountpoint")
@@ -152,6 +194,78 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
                         help="HTTP header sent with every request (repeatable)")
     parser.add_argument("--ca-cert", help="CA bundle for https sources")
+    from lazyfs.fetchoptions import FetchOptions  # a light module: no trio, no HTTP
+
+    default = FetchOptions()
+    parser.add_argument("--max-connections", type=_positive_int, default=default.max_connections,
+                        metavar="N", help="parallel requests (kept-alive connections) per layer "
+                                          f"source (default {default.max_connections})")
+    parser.add_argument("--retries", type=_non_negative_int, default=default.retry.retries,
+                        metavar="N", help="retries of a failed request (connection errors, "
+                                          "timeouts, 5xx, 429), with exponential backoff "
+                                          f"(default {default.retry.retries})")
+    parser.add_argument("--timeout", type=_positive_float, default=default.read_timeout_s,
+                        metavar="SECONDS", help="longest wait for the next bytes of an answer "
+                                                f"(default {default.read_timeout_s:g})")
+    parser.add_argument("--connect-timeout", type=_positive_float,
+                        default=default.connect_timeout_s, metavar="SECONDS",
+                        help=f"longest wait to connect (default {default.connect_timeout_s:g})")
+    parser.add_argument("--merge-gap", type=_size, default=default.merge_gap_bytes,
+                        metavar="SIZE", help="fetch ranges at most this far apart as one "
+                                             "(default 64K)")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="do not fetch the prioritized files of each layer at mount")
+    parser.add_argument("--no-background-fetch", action="store_true",
+                        help="do not fetch the rest of the image in the background")
+    parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
+                        help="average cap of the background fetch, e.g. 5M (default: none)")
+
+
+def _fetch_options(args):
+    import dataclasses
+
+    from lazyfs.fetchoptions import FetchOptions, RetryPolicy
+
+    return FetchOptions(
+        max_connections=args.max_connections,
+        retry=dataclasses.replace(RetryPolicy(), retries=args.retries),
+        read_timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
+        merge_gap_bytes=args.merge_gap, prefetch=not args.no_prefetch,
+        background_fetch=not args.no_background_fetch,
+        background_bytes_per_s=args.bandwidth_limit or None)
+
+
+def _add_record_options(parser: argparse.ArgumentParser) -> None:
+    from lazyfs.record import DEFAULT_LIMIT  # a light module: no FUSE, no trio
+
+    parser.add_argument("--output", "-o", metavar="LIST",
+                        help="where to write the list (required; written when the program has "
+                             "run, replacing LIST)")
+    parser.add_argument("--max-files", type=_positive_int, default=DEFAULT_LIMIT, metavar="N",
+                        help=f"record at most N files (default {DEFAULT_LIMIT:,}); the daemon's "
+                             "memory for the recording is bounded by it and by the image's size")
+    parser.add_argument("--runtime", choices=("chroot", "crun"), default="chroot",
+                        help="as for `lazyfs run`: chroot (default) or crun")
+    parser.add_argument("--network", choices=("host", "none"), default="host",
+                        help="as for `lazyfs run`: host (default) or none")
+    _add_mount_options(parser)
+
+
+def _record_command(args) -> list[str]:
+    """The program of `lazyfs record`, once the options given after IMAGE are parsed.
+
+    REMAINDER takes everything after IMAGE, so `record IMAGE --output LIST -- CMD` leaves
+    `--output LIST -- CMD` in args.program: what comes before `--` (all of it, when there is
+    no `--`) is options when it starts with one. A program never starts with "-".
+    """
+    program = list(args.program)
+    if program and program[0].startswith("-") and program[0] != "--":
+        split = program.index("--") if "--" in program else len(program)
+        options = argparse.ArgumentParser(prog="lazyfs record", add_help=False)
+        _add_record_options(options)
+        options.parse_args(program[:split], namespace=args)
+        program = program[split:]
+    return program[1:] if program[:1] == ["--"] else program
 
 
 def _mount_options(args):
@@ -161,7 +275,7 @@ def _mount_options(args):
                         cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                         foreground=getattr(args, "foreground", False),
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
-                        ca_cert=args.ca_cert)
+                        ca_cert=args.ca_cert, fetch=_fetch_options(args))
 
 
 def _cmd_mount(args) -> int:
@@ -176,6 +290,16 @@ def _cmd_run(args) -> int:
     command = args.program[1:] if args.program[:1] == ["--"] else args.program
     return run(args.image, command, _mount_options(args), runtime=args.runtime,
                network=args.network)
+
+
+def _cmd_record(args) -> int:
+    from lazyfs.record import record
+
+    command = _record_command(args)
+    if not args.output:
+        raise LazyfsError("--output LIST is required: where to write the list of files")
+    return record(args.image, command, args.output, _mount_options(args), runtime=args.runtime,
+                  network=args.network, limit=args.max_files)
 
 
 def _cmd_umount(args) -> int:
@@ -217,7 +341,9 @@ def _cmd_convert(args) -> int:
     from converter.layer import LayerOptions, convert_layer
     from converter import inputs
 
+    _check_level(args.format, args.compression_level)
     options = LayerOptions(
+        format=args.format,
         chunk_size=args.chunk_size,
         compression_level=args.compression_level,
         prioritized_files=_read_prioritized(args.prioritize),
@@ -237,6 +363,12 @@ def _cmd_convert(args) -> int:
           f"{image.manifest_digest}" + (f", tag {image.tag}" if image.tag else ""), file=sys.stderr)
     print(image.manifest_digest)
     return 0
+
+
+def _check_level(layer_format: str, level: int | None) -> None:
+    low, high = (0, 9) if layer_format == "estargz" else (1, 22)
+    if level is not None and not low <= level <= high:
+        raise UsageError(f"--compression-level for {layer_format} must be {low}..{high}, not {level}")
 
 
 def _image_options(options):

@@ -7,6 +7,11 @@ error inside a handler can end the mount.
 
 The image is immutable, so the kernel may cache everything for long: entries and attributes
 get long timeouts and file contents `keep_cache`.
+
+Recording (`lazyfs record`, lazyfs/record.py): with a `recorder`, lookups and readdir entries
+tell it the names the kernel learns and every read tells it the file read; it writes each
+regular file's path at its first read. It never raises, so the error boundary is unchanged;
+without a recorder each of those handlers pays one `is None` test.
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ class LazyFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree, layers, fetcher, *, description: dict):
+    def __init__(self, tree, layers, fetcher, *, description: dict, recorder=None):
         super().__init__()
         self.tree = tree
         self.layers = layers
@@ -70,6 +75,7 @@ class LazyFS(pyfuse3.Operations):
         self.handler_errors = 0
         self.last_error = ""
         self._total_bytes = sum(layer.blob_size for layer in layers)
+        self.recorder = recorder  # lazyfs.record.AccessRecorder, or None: not recording
 
     def record_error(self, where: str, exc: BaseException) -> None:
         self.handler_errors += 1
@@ -77,8 +83,11 @@ class LazyFS(pyfuse3.Operations):
         log.warning("%s", self.last_error)
 
     def stats(self) -> dict:
-        return {**self.description, "handler_errors": self.handler_errors,
-                "last_error": self.last_error, "layers": self.fetcher.stats_json()}
+        report = {**self.description, "handler_errors": self.handler_errors,
+                  "last_error": self.last_error, "layers": self.fetcher.stats_json()}
+        if self.recorder is not None:
+            report["recording"] = self.recorder.stats()
+        return report
 
     def _node(self, inode: int):
         try:
@@ -116,6 +125,8 @@ class LazyFS(pyfuse3.Operations):
         node = self.tree.lookup(parent_inode, name)
         if node is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if self.recorder is not None:
+            self.recorder.looked_up(parent_inode, name, node)
         return self._attrs(node)
 
     @_boundary
@@ -136,6 +147,8 @@ class LazyFS(pyfuse3.Operations):
         for name, node, next_id in self.tree.children_from(fh, start_id, limit=_READDIR_BATCH):
             if not pyfuse3.readdir_reply(token, name, self._attrs(node), next_id):
                 break
+            if self.recorder is not None:  # readdirplus: the kernel knows this name now
+                self.recorder.listed(fh, name, node)
 
     @_boundary
     async def releasedir(self, fh):
@@ -153,6 +166,8 @@ class LazyFS(pyfuse3.Operations):
     @_boundary
     async def read(self, fh, offset, size):
         node = self._node(fh)
+        if self.recorder is not None:
+            self.recorder.read(node)  # before fetching: a read that fails was still wanted
         if offset >= node.size or not node.chunks:
             return b""
         layer = self.layers[node.layer_index]

@@ -12,6 +12,7 @@ mount whose every access fails with ENOTCONN; `lazyfs umount` clears it (lazy un
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -20,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError, NotFound
+from lazyfs.fetchoptions import FetchOptions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,10 @@ class MountOptions:
     log_file: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     ca_cert: str | None = None
+    fetch: FetchOptions = field(default_factory=FetchOptions)  # connections, retries, prefetch
+    # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
+    # path at its first read to that file. None: no recording.
+    record: object | None = None
 
 
 def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False) -> int:
@@ -106,7 +112,7 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
             return 1
         _report(ready_fd, "ok")
         try:
-            trio.run(_main)
+            trio.run(_main, session)
         finally:
             pyfuse3.close(unmount=True)
     finally:
@@ -114,12 +120,15 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
     return 0
 
 
-async def _main() -> None:
+async def _main(session: "Session") -> None:
     import pyfuse3
     import trio
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        if session.background is not None:
+            # Returns once the prefetch has claimed its chunks: reads then wait for it.
+            await nursery.start(session.background)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -138,12 +147,14 @@ async def _terminate_on_signal() -> None:
 class Session:
     fs: object
     close: object
+    background: object = None  # async fn(task_status=...): prefetch, then background fetch
 
 
 def open_session(ref: str, options: MountOptions) -> Session:
     """Everything a mount serves, ready before the kernel sees it: errors surface here."""
     from lazyfs.cache import ChunkCache, default_cache_dir
     from lazyfs.fetch import ChunkFetcher
+    from lazyfs.prefetch import prefetch_and_background
     from lazyfs.fs import LazyFS
     from lazyfs.image import SourceOptions, resolve_mount_image
     from lazyfs.layer import open_layer
@@ -151,20 +162,23 @@ def open_session(ref: str, options: MountOptions) -> Session:
 
     image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
                                 sources=SourceOptions(headers=options.headers or None,
-                                                      ca_cert=options.ca_cert))
+                                                      ca_cert=options.ca_cert,
+                                                      timeout=options.fetch.timeouts_s()))
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
-        fetcher = ChunkFetcher(layers, cache)
+        fetcher = ChunkFetcher(layers, cache, options=options.fetch)
         description = {**image.description, "cache_dir": cache.root, "entries": tree.entry_count}
         if not description.get("verified"):
             description["warning"] = "INSECURE: TOC not verified (--insecure-skip-verify)"
             log.warning("%s: %s", ref, description["warning"])
-        return Session(LazyFS(tree, layers, fetcher, description=description),
-                       lambda: _close_image(image))
+        recorder = options.record.open(tree) if options.record is not None else None
+        return Session(LazyFS(tree, layers, fetcher, description=description, recorder=recorder),
+                       lambda: _close_image(image),
+                       functools.partial(prefetch_and_background, fetcher))
     except BaseException:
         _close_image(image)
         raise

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 
 from lazyfs import linux
 from lazyfs.container import DEFAULT_PATH, User, command_for, process_spec
@@ -129,10 +130,14 @@ def exit_status(returncode: int) -> int:
 
 
 def run(image: str, command: list[str], options: MountOptions, *, env: dict | None = None,
-        runtime: str = "chroot", network: str = "host") -> int:
+        runtime: str = "chroot", network: str = "host",
+        after_exit: Callable[[str], None] | None = None) -> int:
     """Run `command` (empty: the image's Entrypoint + Cmd) from `image`; its exit status.
 
-    `env` adds to (and overrides) the environment built from the image config.
+    `env` adds to (and overrides) the environment built from the image config. `after_exit`
+    is called with the image's mountpoint once the program has exited, before the image is
+    unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
+    from it that the program ran, and reads the mount's stats).
     """
     from lazyfs.image import SourceOptions, resolve_image_config
 
@@ -162,16 +167,20 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
         if crun is not None:
             from lazyfs.crun import run_in_crun
 
-            return run_in_crun(lower, spec, crun=crun, private_network=network == "none")
-        process, scratch = start_in_image(lower, spec.args, env=spec.env, cwd=spec.cwd,
-                                          user=spec.user, private_network=network == "none")
-        try:
-            return exit_status(process.wait())
-        finally:
-            if process.poll() is None:  # interrupted: the program goes before its filesystem
-                process.kill()
-                process.wait()
-            shutil.rmtree(scratch, ignore_errors=True)
+            code = run_in_crun(lower, spec, crun=crun, private_network=network == "none")
+        else:
+            process, scratch = start_in_image(lower, spec.args, env=spec.env, cwd=spec.cwd,
+                                              user=spec.user, private_network=network == "none")
+            try:
+                code = exit_status(process.wait())
+            finally:
+                if process.poll() is None:  # interrupted: the program goes before its filesystem
+                    process.kill()
+                    process.wait()
+                shutil.rmtree(scratch, ignore_errors=True)
+        if after_exit is not None:
+            after_exit(lower)
+        return code
     finally:
         try:
             umount(lower)

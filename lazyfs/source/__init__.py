@@ -1,7 +1,9 @@
 """Byte-range sources: where the bytes of one blob come from.
 
 The fetcher above only needs "something that knows its size and reads exactly N bytes at an
-offset", so that is the whole interface. Every method blocks and may be called from several
+offset", so that is the whole required interface. A source may also offer `read_ranges`
+(several ranges in one round trip, streamed); `iter_ranges` below falls back to one `read` per
+range for sources that do not. Every method blocks and may be called from several
 worker threads at once (the trio fetcher runs them via `trio.to_thread.run_sync`). Sources do not
 retry: the fetcher owns retries, and a source only says whether retrying could help
 (`FetchError.retriable`).
@@ -13,6 +15,7 @@ impossible from it). Programming errors (negative offsets) are ValueError.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -40,6 +43,22 @@ class BlobSource(Protocol):
         ...
 
 
+def iter_ranges(source, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+    """`(index, piece)` for each `(blob_offset, length)` range, in order; the pieces of one index
+    concatenate to its bytes. Ranges ascend without overlapping.
+
+    Uses the source's own `read_ranges` when it has one (HTTP: one multi-range request,
+    streamed), else one `read` per range (a local file: a pread costs no round trip).
+    """
+    read_ranges = getattr(source, "read_ranges", None)
+    if read_ranges is not None:
+        yield from read_ranges(ranges)
+        return
+    for index, (blob_offset, length) in enumerate(ranges):
+        if length:
+            yield index, source.read(blob_offset, length)
+
+
 def check_range(blob_offset: int, length: int) -> None:
     """Negative offsets or lengths are the caller's bug, not a fetch failure."""
     if blob_offset < 0 or length < 0:
@@ -47,11 +66,12 @@ def check_range(blob_offset: int, length: int) -> None:
 
 
 def open_source(location: str, *, headers: dict[str, str] | None = None,
-                ca_cert: str | None = None, timeout: float = 30) -> BlobSource:
+                ca_cert: str | None = None,
+                timeout: float | tuple[float, float] = 30) -> BlobSource:
     """A source for a plain path, a file:// URL, or an http(s):// URL.
 
     Only strings with "://" are URLs, so a path that happens to contain a colon stays a path.
-    `headers`, `ca_cert` and `timeout` apply to HTTP only.
+    `headers`, `ca_cert` and `timeout` (seconds, or (connect, read) seconds) apply to HTTP only.
     """
     if "://" not in location:
         from lazyfs.source.file import FileSource
