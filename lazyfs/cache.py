@@ -14,10 +14,11 @@ On-disk layout (``<root>`` is ``default_cache_dir()`` unless the caller chose an
 
 Why it is correct:
 
-* Nothing unverified is ever served. ``get`` re-hashes every chunk it reads, and ``get_toc``
-  checks the record against the digest stored in front of it. A corrupt, truncated or empty
-  file (bit rot, a power loss before the kernel flushed a renamed file, since we do not fsync,
-  a meddling user) is deleted and reported as a miss: the caller refetches. It is not an error.
+* Nothing unverified is ever served. ``get`` re-hashes every chunk it reads, ``read_range``
+  re-hashes every block it reads (below), and ``get_toc`` checks the record against the digest
+  stored in front of it. A corrupt, truncated or empty file (bit rot, a power loss before the
+  kernel flushed a renamed file, since we do not fsync, a meddling user) is deleted and reported
+  as a miss: the caller refetches. It is not an error.
 * Nothing partial is ever visible. ``put`` writes a temp file in ``<root>/tmp`` (same
   filesystem), then renames it into place with ``os.rename``, which is atomic: a reader
   opens either the old complete file, the new complete file, or nothing. Temp files of
@@ -54,6 +55,25 @@ What concurrency can do, and why none of it serves a wrong byte:
 * Several writers: usage can exceed ``max_bytes`` by what the other processes wrote since this
   one last scanned, until any of them evicts (each eviction sees the whole directory).
 
+Range reads. A 4 KiB read must not cost reading and hashing a whole 4 MiB chunk, and must not
+serve a byte that was not verified either. So when a chunk is verified in this process (``put``,
+or the first ``get`` that finds it), the instance records the sha256 of each ``block_size``
+block of it (16 KiB: 256 digests, 8 KiB of memory per 4 MiB chunk); ``read_range`` then reads
+only the blocks covering the range and checks each against its recorded digest. The digests are
+derived from bytes whose whole-chunk sha256 matched the chunk's name, so a block that matches
+its digest holds exactly the verified bytes. They are kept in memory only, never on disk (a
+file next to the chunk could be altered together with it), in an LRU bounded by
+``block_digest_bytes``; a chunk without them (another process stored it, or they were dropped)
+is read with ``get`` once, which records them again. ``read_range`` touches the file's mtime (the
+LRU clock) at most once per ``TOUCH_INTERVAL_SECONDS`` as this process sees it, not on every
+read: a minute is fine resolution for an LRU of gigabytes.
+
+Threads: every method may be called from any thread at any time. Locks guard only the in-memory
+index, counters and block digests, never I/O or hashing (hashlib and file I/O release the GIL),
+so ``put`` can run in a background thread, off a reader's critical path, while other threads
+``get`` and ``read_range``. Until such a ``put`` returns, the chunk is simply not in the cache
+(``get`` and ``read_range`` return None): the caller serves the bytes it holds.
+
 Errors: an unusable directory (cannot be created, a file in the way, not writable, another
 layout version) is a ``CacheError`` at open. An I/O failure in ``put`` (disk full, directory
 removed underneath us) is a ``CacheError`` too; the caller holds verified bytes and may serve
@@ -63,6 +83,7 @@ images must not become readable by other users. An existing directory keeps its 
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import re
@@ -89,6 +110,18 @@ STALE_TEMP_SECONDS = 3600
 # The on-disk layout version (the VERSION file). Bump it when the layout or a record format
 # changes; an instance refuses a directory written with another version.
 LAYOUT_VERSION = 1
+
+# Range reads (see the module doc): chunks are verified in blocks of this size, and the block
+# digests of all chunks together take at most this much memory (LRU beyond).
+DEFAULT_BLOCK_SIZE = 16 << 10
+DEFAULT_BLOCK_DIGEST_BYTES = 32 << 20
+# Accounted per chunk on top of its digests: the dict entry, the key, the tuple, bytes header.
+_BLOCK_RECORD_OVERHEAD = 240
+_BLOCK_DIGEST_SIZE = 32  # sha256
+
+# read_range sets a chunk file's mtime (its last use, for every process's LRU) at most this
+# often, as this process's index sees it; get and put always do.
+TOUCH_INTERVAL_SECONDS = 60
 
 # The root directory of the system-wide cache (when running as root).
 SYSTEM_CACHE_DIR = "/var/cache/lazyfs"
@@ -126,6 +159,8 @@ class CacheStats:
     corrupt: int = 0  # entries that failed verification and were deleted
     evictions: int = 0  # files this instance deleted to respect max_bytes
     bytes_stored: int = 0  # bytes this instance wrote with put and put_toc
+    range_hits: int = 0  # read_range calls served (also counted in hits)
+    range_unknown: int = 0  # read_range calls that found no block digests: returned None
 
 
 class _Entry(NamedTuple):
@@ -143,15 +178,27 @@ def _hex_of(digest: str) -> str:
 class ChunkCache:
     """Content-addressed chunks and TOC records on disk; synchronous and thread-safe."""
 
-    def __init__(self, root: str, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, root: str, max_bytes: int = DEFAULT_MAX_BYTES, *,
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 block_digest_bytes: int = DEFAULT_BLOCK_DIGEST_BYTES):
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, not {block_size}")
+        if block_digest_bytes < 0:
+            raise ValueError(f"block_digest_bytes must not be negative, not {block_digest_bytes}")
         self.root = os.path.abspath(root)
         self.max_bytes = max_bytes
+        self.block_size = block_size
+        self.block_digest_bytes = block_digest_bytes
+        # Chunk hex → (chunk size, concatenated sha256 of its blocks), least recently used
+        # first; _block_bytes is their accounted total. Guarded by _lock.
+        self._blocks: collections.OrderedDict[str, tuple[int, bytes]] = collections.OrderedDict()
+        self._block_bytes = 0
         self._chunks_dir = os.path.join(self.root, "chunks", "sha256")
         self._tocs_dir = os.path.join(self.root, "tocs", "sha256")
         self._tmp_dir = os.path.join(self.root, "tmp")
-        self._lock = threading.Lock()  # guards _index, _total and _stats
+        self._lock = threading.Lock()  # guards _index, _total, _stats and _blocks
         self._evict_lock = threading.Lock()  # one eviction at a time in this process
         self._stats = CacheStats()
         try:
@@ -181,19 +228,123 @@ class ChunkCache:
             return self._total
 
     def get(self, digest: str) -> bytes | None:
-        """The chunk's bytes, verified against digest, or None (a miss, or a corrupt entry)."""
-        hex_ = _hex_of(digest)
-        return self._read(_CHUNK, hex_, lambda raw: raw if _sha256_hex(raw) == hex_ else None)
+        """The chunk's bytes, verified against digest, or None (a miss, or a corrupt entry).
 
-    def put(self, digest: str, data: bytes) -> None:
-        """Store a chunk the caller has verified (checked again: ValueError on a mismatch)."""
+        The first get of a chunk in this process also records its block digests (in the same
+        pass over the bytes), so that later reads of it can use read_range.
+        """
         hex_ = _hex_of(digest)
-        actual = _sha256_hex(data)
-        if actual != hex_:
-            # A caller bug, not bad input: we would cache bytes that do not match their name.
-            raise ValueError(f"refusing to cache bytes with digest sha256:{actual} "
-                             f"under {digest}")
+        with self._lock:
+            known = hex_ in self._blocks
+        blocks = None
+
+        def check(raw: bytes) -> bytes | None:
+            nonlocal blocks
+            if known:
+                return raw if _sha256_hex(raw) == hex_ else None
+            whole = hashlib.sha256()
+            block_digests = _block_digests(raw, self.block_size, whole)
+            if whole.hexdigest() != hex_:
+                return None
+            blocks = block_digests
+            return raw
+
+        data = self._read(_CHUNK, hex_, check)
+        if blocks is not None:
+            self._remember_blocks(hex_, len(data), blocks)
+        return data
+
+    def put(self, digest: str, data: bytes, *, verified: bool = False) -> None:
+        """Store a chunk and record its block digests (for read_range).
+
+        verified=False (the default): the bytes are hashed and a mismatch is a ValueError.
+        verified=True: the caller guarantees that sha256(data) is digest (it has just checked,
+        as the fetcher does before it serves anything), and the whole-chunk hash is skipped;
+        the blocks are hashed once, for their digests. Wrong bytes put this way would be served
+        by read_range (get would still catch them): only pass verified=True for bytes checked
+        against this very digest.
+
+        Thread-safe, and holds no lock while it hashes or writes: call it from a background
+        thread to keep it off a read's critical path (see the module doc).
+        """
+        hex_ = _hex_of(digest)
+        if verified:
+            blocks = _block_digests(data, self.block_size)
+        else:
+            whole = hashlib.sha256()
+            blocks = _block_digests(data, self.block_size, whole)
+            actual = whole.hexdigest()
+            if actual != hex_:
+                # A caller bug, not bad input: we would cache bytes that do not match their name.
+                raise ValueError(f"refusing to cache bytes with digest sha256:{actual} "
+                                 f"under {digest}")
         self._write(_CHUNK, hex_, [data])
+        self._remember_blocks(hex_, len(data), blocks)
+
+    def read_range(self, digest: str, chunk_offset: int, length: int) -> bytes | None:
+        """Bytes [chunk_offset, chunk_offset + length) of a chunk (fewer at its end), each block
+        they touch read from disk and checked against the block digests recorded for the chunk.
+
+        None when no block digests are recorded in this process (call get, which verifies the
+        whole chunk and records them), when the file is gone (a miss), or when a block does not
+        match (the file is deleted and counted corrupt, its block digests forgotten: refetch).
+        A range at or past the chunk's end is b"". ValueError for a bad digest or a negative
+        offset or length; CacheError for an I/O error other than a missing file.
+        """
+        hex_ = _hex_of(digest)
+        if chunk_offset < 0 or length < 0:
+            raise ValueError(f"negative range: offset {chunk_offset}, length {length}")
+        with self._lock:
+            record = self._blocks.get(hex_)
+            if record is None:
+                self._stats.range_unknown += 1
+                return None
+            self._blocks.move_to_end(hex_)
+        size, block_digests = record
+        end = min(chunk_offset + length, size)
+        if chunk_offset >= end:
+            return b""
+        block_size = self.block_size
+        first = chunk_offset // block_size
+        start = first * block_size
+        stop = min(-(-end // block_size) * block_size, size)
+        key = (_CHUNK, hex_)
+        path = self._path(_CHUNK, hex_)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(key, miss=True)
+            return None
+        except OSError as exc:
+            raise CacheError(f"cannot open {path}: {exc}") from exc
+        try:
+            st = os.fstat(fd)
+            intact = st.st_size == size  # truncated or grown: corrupt, whatever the range
+            if intact:
+                raw = os.pread(fd, stop - start, start)
+                intact = (len(raw) == stop - start
+                          and _blocks_match(raw, block_size, block_digests, first))
+            if not intact:
+                self._remove_corrupt(path, st)
+                with self._lock:
+                    self._stats.corrupt += 1
+                self._forget(key, miss=True)
+                return None
+            now = time.time()
+            with self._lock:
+                entry = self._index.get(key)
+                touch = entry is None or now - entry.last_use >= TOUCH_INTERVAL_SECONDS
+                if touch:
+                    self._set(key, _Entry(size, now))
+                self._stats.hits += 1
+                self._stats.range_hits += 1
+            if touch:
+                os.utime(fd)  # through the descriptor, as in _read
+        except OSError as exc:
+            raise CacheError(f"cannot read {path}: {exc}") from exc
+        finally:
+            os.close(fd)
+        return raw[chunk_offset - start:end - start]
 
     def contains(self, digest: str) -> bool:
         """Whether a chunk file exists (not verified: a later get may still find it corrupt)."""
@@ -323,12 +474,35 @@ class ChunkCache:
         self._total += entry.size
 
     def _forget(self, key: tuple[str, str], *, miss: bool = False) -> None:
+        """The file is gone (or corrupt and deleted): out of the index, its block digests too."""
         with self._lock:
             old = self._index.pop(key, None)
             if old is not None:
                 self._total -= old.size
+            if key[0] == _CHUNK:
+                self._drop_blocks(key[1])
             if miss:
                 self._stats.misses += 1
+
+    # -- block digests -------------------------------------------------------------------------------
+
+    def _remember_blocks(self, hex_: str, size: int, block_digests: bytes) -> None:
+        cost = len(block_digests) + _BLOCK_RECORD_OVERHEAD
+        if cost > self.block_digest_bytes:
+            return
+        with self._lock:
+            self._drop_blocks(hex_)
+            self._blocks[hex_] = (size, block_digests)
+            self._block_bytes += cost
+            while self._block_bytes > self.block_digest_bytes:
+                _, (_, evicted) = self._blocks.popitem(last=False)
+                self._block_bytes -= len(evicted) + _BLOCK_RECORD_OVERHEAD
+
+    def _drop_blocks(self, hex_: str) -> None:
+        """Forget a chunk's block digests (caller holds _lock)."""
+        record = self._blocks.pop(hex_, None)
+        if record is not None:
+            self._block_bytes -= len(record[1]) + _BLOCK_RECORD_OVERHEAD
 
     def _scan(self) -> dict[tuple[str, str], _Entry]:
         """Every entry on disk with size and mtime: one scandir per directory, one stat per file.
@@ -415,6 +589,8 @@ class ChunkCache:
                     if self._index.get(key) == planned:
                         del self._index[key]
                         self._total -= planned.size
+                    if key[0] == _CHUNK:
+                        self._drop_blocks(key[1])
                     if deleted:
                         self._stats.evictions += 1
 
@@ -461,3 +637,30 @@ class ChunkCache:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _block_digests(data: bytes, block_size: int, whole=None) -> bytes:
+    """The sha256 of each block_size block of data, concatenated; with `whole` (a sha256
+    object), data is also fed to it in the same pass, while each block is in the CPU cache."""
+    view = memoryview(data)
+    sha256 = hashlib.sha256
+    out = []
+    for start in range(0, len(view), block_size):
+        block = view[start:start + block_size]
+        if whole is not None:
+            whole.update(block)
+        out.append(sha256(block).digest())
+    return b"".join(out)
+
+
+def _blocks_match(raw: bytes, block_size: int, block_digests: bytes, first_block: int) -> bool:
+    """Whether raw, the blocks from number first_block on, matches their recorded digests."""
+    view = memoryview(raw)
+    sha256 = hashlib.sha256
+    at = first_block * _BLOCK_DIGEST_SIZE
+    for start in range(0, len(view), block_size):
+        if sha256(view[start:start + block_size]).digest() != \
+                block_digests[at:at + _BLOCK_DIGEST_SIZE]:
+            return False
+        at += _BLOCK_DIGEST_SIZE
+    return True

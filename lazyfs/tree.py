@@ -115,10 +115,13 @@ class Node:
 class Tree:
     """The merged image: inode → Node, lookups by name, readdir with resumable offsets."""
 
-    def __init__(self, root: Node, nodes: dict[int, Node], warnings: list[str],
+    def __init__(self, root: Node, nodes: list[Node | None], warnings: list[str],
                  warning_count: int):
         self.root = root
+        # Indexed by inode number: None for the numbers of removed nodes and for 0. A list, not
+        # a dict: 8 bytes an inode rather than about 50, and inode numbers are dense.
         self._nodes = nodes
+        self._count = len(nodes) - nodes.count(None)
         self.warnings = warnings  # the first MAX_WARNINGS, in order
         self.warning_count = warning_count  # all of them
         # Directory inode → its child names in readdir order, made on the first readdir of that
@@ -129,21 +132,27 @@ class Tree:
     @property
     def entry_count(self) -> int:
         """Number of inodes in the tree, the root included (a hardlinked file counts once)."""
-        return len(self._nodes)
+        return self._count
 
     def node(self, inode: int) -> Node:
         """The node with this inode number; KeyError if there is none (the caller's ENOENT)."""
-        return self._nodes[inode]
+        try:
+            node = self._nodes[inode] if inode > 0 else None
+        except IndexError:
+            node = None
+        if node is None:
+            raise KeyError(inode)
+        return node
 
     def lookup(self, parent_inode: int, name: bytes) -> Node | None:
         """The child `name` of a directory, or None. KeyError for an unknown parent inode."""
-        parent = self._nodes[parent_inode]
+        parent = self.node(parent_inode)
         if parent.children is None:
             return None
         if name == b".":
             return parent
         if name == b"..":
-            return self._nodes[parent.parent]
+            return self.node(parent.parent)
         return parent.children.get(name)
 
     def children_from(self, dir_inode: int, start: int,
@@ -155,7 +164,7 @@ class Tree:
         of a huge directory costs what its reply buffer holds, not the rest of the directory.
         "." and ".." are not included. NotADirectoryError (errno ENOTDIR) for a non-directory.
         """
-        directory = self._nodes[dir_inode]
+        directory = self.node(dir_inode)
         children = directory.children
         if children is None:
             raise NotADirectoryError(errno.ENOTDIR, f"inode {dir_inode} is not a directory")
@@ -230,18 +239,19 @@ class _Builder:
     """The mutable tree while layers are applied; `finish()` freezes it into a `Tree`."""
 
     def __init__(self) -> None:
-        self.nodes: dict[int, Node] = {}
-        self.next_inode = ROOT_INODE
+        # Indexed by inode number (see Tree): None for 0 and for removed nodes.
+        self.nodes: list[Node | None] = [None]
         self.warnings: list[str] = []
         self.warning_count = 0
-        # Many nodes share a mode or owner; JSON parsing makes a new int object for each (only
-        # -5..256 are shared by CPython). One object per distinct value saves ~28 bytes a field
-        # a node. Modification times are shared through the parse cache `_modtimes`.
+        # Many nodes share a mode, owner or size; JSON parsing makes a new int object for each
+        # (only -5..256 are shared by CPython). One object per distinct value saves ~28 bytes a
+        # field a node. Modification times are shared through the parse cache `_modtimes`.
         self._ints: dict[int, int] = {}
         self._modtimes: dict[str, int] = {}
         # The last parent directory looked up by path: TOC entries come grouped by directory.
-        # Valid while that node is live: a removed directory is never re-attached (directories
-        # cannot be hardlinked), so a live one is still at the same path.
+        # Forgotten whenever a directory is removed (`_unlink`): a directory is never
+        # re-attached elsewhere (directories cannot be hardlinked), so while no directory has
+        # been removed the remembered one is still live and still at the same path.
         self._last_dir_path: str | None = None
         self._last_dir: Node | None = None
         self.root = self._new_node(IMPLICIT_DIR_MODE, 0, 0, DIR_SIZE, 0, layer_index=-1,
@@ -259,7 +269,8 @@ class _Builder:
             if path in BOOKKEEPING_NAMES:  # only at the root: those names have no "/"
                 continue
             parent_path, _, base = path.rpartition("/")
-            if parent_path and "/" + WHITEOUT_PREFIX in "/" + parent_path:
+            if parent_path and (parent_path.startswith(WHITEOUT_PREFIX)
+                                or "/" + WHITEOUT_PREFIX in parent_path):
                 self._warn(layer_index, path, "is under a whiteout name; skipped")
             elif base.startswith(WHITEOUT_PREFIX):
                 whiteouts.append(item)
@@ -267,8 +278,9 @@ class _Builder:
                 others.append(item)
         for item in whiteouts:
             self._apply_whiteout(item.path)
+        add_entry = self._add_entry
         for item in others:
-            self._add_entry(layer_index, item)
+            add_entry(layer_index, item)
 
     def _apply_whiteout(self, path: str) -> None:
         parent_path, _, base = path.rpartition("/")
@@ -287,36 +299,50 @@ class _Builder:
             self._unlink(directory, name)
 
     def _add_entry(self, layer_index: int, item: ResolvedEntry) -> None:
+        # Runs once per entry of the image: the common case (a new name in the directory of
+        # the previous entry) is written out here rather than in small methods.
         entry = item.entry
         path = item.path
+        entry_type = entry.type
         if not path:
-            if entry.type == "dir":
+            if entry_type == "dir":
                 self._set_dir_attributes(self.root, entry, layer_index)
             else:
-                self._warn(layer_index, path, f"the root as a {entry.type!r} entry; skipped")
+                self._warn(layer_index, path, f"the root as a {entry_type!r} entry; skipped")
             return
         target = None
-        if entry.type == "hardlink":
+        if entry_type == "hardlink":
             target = self._hardlink_target(layer_index, item)
             if target is None:
                 return
         parent_path, _, base = path.rpartition("/")
-        parent = self._make_dirs(layer_index, parent_path)
-        assert parent.children is not None
-        name = _name_bytes(base)
-        existing = parent.children.get(name)
-        if entry.type == "dir" and existing is not None and existing.children is not None:
-            self._set_dir_attributes(existing, entry, layer_index)  # children merge
-            return
-        if target is not None:
-            if existing is target:
-                return  # already this node under this name
-            node = target
+        if parent_path == self._last_dir_path:
+            parent = self._last_dir
         else:
-            node = self._node_from_entry(layer_index, item, parent)
+            parent = self._make_dirs(layer_index, parent_path)
+        children = parent.children
+        assert children is not None
+        try:
+            name = base.encode()  # UTF-8; the same bytes as _name_bytes for any valid str
+        except UnicodeEncodeError:
+            name = _name_bytes(base)
+        existing = children.get(name)
         if existing is not None:
+            if entry_type == "dir" and existing.children is not None:
+                self._set_dir_attributes(existing, entry, layer_index)  # children merge
+                return
+            if target is not None and existing is target:
+                return  # already this node under this name
             self._unlink(parent, name)
-        self._attach(parent, name, node)
+        if target is not None:
+            self._attach(parent, name, target)
+            return
+        node = self._node_from_entry(layer_index, item, parent)
+        children[name] = node
+        if node.children is not None:
+            parent.nlink += 1
+        else:
+            node.nlink = 1
 
     def _hardlink_target(self, layer_index: int, item: ResolvedEntry) -> Node | None:
         target_path = clean_name(item.entry.link_name)
@@ -337,47 +363,60 @@ class _Builder:
     # --- nodes ----------------------------------------------------------------------------------
 
     def _node_from_entry(self, layer_index: int, item: ResolvedEntry, parent: Node) -> Node:
+        """A new node for the entry, in the inode table but not attached to any name yet."""
         entry = item.entry
-        mode = _TYPE_BITS[entry.type] | (entry.mode & 0o7777)
-        size = rdev = 0
+        entry_type = entry.type
+        intern = self._ints.setdefault
+        mode = _TYPE_BITS[entry_type] | (entry.mode & 0o7777)
+        rdev = 0
         link_target = b""
         chunks: Sequence[Chunk] = NO_CHUNKS
         children: dict[bytes, Node] | None = None
-        if entry.type == "dir":
+        if entry_type == "reg":
+            size = intern(entry.size, entry.size)
+            if item.chunks:
+                chunks = tuple(item.chunks)
+        elif entry_type == "dir":
             size = DIR_SIZE
             children = {}
-        elif entry.type == "reg":
-            size = entry.size
-            chunks = tuple(item.chunks) if item.chunks else NO_CHUNKS
-        elif entry.type == "symlink":
+        elif entry_type == "symlink":
             link_target = _name_bytes(entry.link_name)
             size = len(link_target)
-        elif entry.type in ("char", "block"):
-            try:
-                rdev = os.makedev(entry.dev_major, entry.dev_minor)
-            except (OverflowError, ValueError):
-                self._warn(layer_index, item.path, f"device number {entry.dev_major}:"
-                                                   f"{entry.dev_minor} out of range; made 0:0")
-        node = self._new_node(mode, entry.uid, entry.gid, size, self._mtime_ns(entry.modtime),
-                              layer_index=layer_index, children=children, parent=parent,
-                              rdev=rdev, link_target=link_target, chunks=chunks)
-        node.xattrs = _xattrs(entry)
+        else:
+            size = 0
+            if entry_type == "char" or entry_type == "block":
+                try:
+                    rdev = os.makedev(entry.dev_major, entry.dev_minor)
+                except (OverflowError, ValueError):
+                    self._warn(layer_index, item.path, f"device number {entry.dev_major}:"
+                                                       f"{entry.dev_minor} out of range; made 0:0")
+        mtime_ns = self._modtimes.get(entry.modtime)
+        if mtime_ns is None:
+            mtime_ns = self._mtime_ns(entry.modtime)
+        nodes = self.nodes
+        inode = len(nodes)
+        # Positional, in field order. nlink: see _attach.
+        node = Node(inode, intern(mode, mode), intern(entry.uid, entry.uid),
+                    intern(entry.gid, entry.gid), size, mtime_ns, rdev,
+                    2 if children is not None else 0, link_target,
+                    _xattrs(entry) if entry.xattrs else NO_XATTRS, layer_index, chunks,
+                    children, parent.inode)
+        nodes.append(node)
         return node
 
     def _new_node(self, mode: int, uid: int, gid: int, size: int, mtime_ns: int, *,
                   layer_index: int, children: dict[bytes, Node] | None, parent: Node | None,
                   rdev: int = 0, link_target: bytes = b"",
                   chunks: Sequence[Chunk] = NO_CHUNKS) -> Node:
-        inode = self.next_inode
-        self.next_inode += 1
+        inode = len(self.nodes)
         intern = self._ints.setdefault
-        # Positional, in field order: this runs once per entry of the image.
+        # Positional, in field order.
         node = Node(inode, intern(mode, mode), intern(uid, uid), intern(gid, gid), size,
                     mtime_ns, rdev,
                     2 if children is not None else 0,  # a non-directory's names: see _attach
                     link_target, NO_XATTRS, layer_index, chunks, children,
                     inode if parent is None else parent.inode)
-        self.nodes[inode] = node
+        self.nodes.append(node)
         return node
 
     def _mtime_ns(self, modtime: str) -> int:
@@ -419,10 +458,11 @@ class _Builder:
             self._drop_name(node)
             return
         parent.nlink -= 1
+        self._last_dir_path = self._last_dir = None  # it may have been in this subtree
         stack = [node]
         while stack:
             directory = stack.pop()
-            del self.nodes[directory.inode]
+            self.nodes[directory.inode] = None
             assert directory.children is not None
             for child in directory.children.values():
                 if child.children is not None:
@@ -433,7 +473,7 @@ class _Builder:
     def _drop_name(self, node: Node) -> None:
         node.nlink -= 1
         if node.nlink == 0:
-            del self.nodes[node.inode]
+            self.nodes[node.inode] = None
 
     # --- paths ----------------------------------------------------------------------------------
 
@@ -449,7 +489,7 @@ class _Builder:
         return directory.children.get(_name_bytes(base))
 
     def _find_dir(self, path: str) -> Node | None:
-        if path == self._last_dir_path and self._last_dir_is_live():
+        if path == self._last_dir_path:
             return self._last_dir
         node = self.root
         if path:
@@ -465,7 +505,7 @@ class _Builder:
     def _make_dirs(self, layer_index: int, path: str) -> Node:
         """The directory at a cleaned path, made (implicitly) where missing. A non-directory
         in the way is replaced by a directory, as a layer on top of it would show in overlayfs."""
-        if path == self._last_dir_path and self._last_dir_is_live():
+        if path == self._last_dir_path:
             assert self._last_dir is not None
             return self._last_dir
         node = self.root
@@ -493,10 +533,6 @@ class _Builder:
         self._last_dir_path = path
         self._last_dir = node
 
-    def _last_dir_is_live(self) -> bool:
-        node = self._last_dir
-        return node is not None and self.nodes.get(node.inode) is node
-
     # --- end ------------------------------------------------------------------------------------
 
     def _warn(self, layer_index: int, path: str, message: str) -> None:
@@ -505,10 +541,11 @@ class _Builder:
             self.warnings.append(f"layer {layer_index}: {path!r} {message}")
 
     def finish(self) -> Tree:
-        for node in self.nodes.values():
-            children = node.children
-            if children is not None and len(children) > 1:
-                node.children = dict(sorted(children.items()))
+        for node in self.nodes:
+            if node is not None:
+                children = node.children
+                if children is not None and len(children) > 1:
+                    node.children = dict(sorted(children.items()))
         return Tree(self.root, self.nodes, self.warnings, self.warning_count)
 
 

@@ -299,6 +299,264 @@ def test_eviction_tolerates_files_already_evicted_elsewhere(tmp_path):
     assert a.usage_bytes() == 600 == sum(entries_on_disk(tmp_path).values())
 
 
+# -- range reads -----------------------------------------------------------------------------------
+
+BLOCK = 1024  # small blocks in these tests, so that a chunk of a few KiB has several
+
+
+def big_chunk(i: int, size: int = 10 * BLOCK + 123) -> tuple[str, bytes]:
+    """Random bytes (a flipped byte anywhere changes its block's digest), not a block multiple."""
+    data = random.Random(i).randbytes(size)
+    return digest_of(data), data
+
+
+def ranges(size: int, count: int = 200, seed: int = 0) -> list[tuple[int, int]]:
+    """(offset, length) pairs: random ones and every edge (block boundaries, the chunk's end)."""
+    rng = random.Random(seed)
+    out = [(0, size), (0, 1), (size - 1, 1), (size - 1, 100), (BLOCK - 1, 2), (BLOCK, BLOCK),
+           (BLOCK - 1, BLOCK + 2), (0, 0), (size, 10), (size + 5, 1), (3 * BLOCK, 0)]
+    for _ in range(count):
+        offset = rng.randrange(size)
+        out.append((offset, rng.choice([1, 4096, rng.randrange(1, size + 1)])))
+    return out
+
+
+@pytest.mark.parametrize("how", ["put", "put-verified", "get-in-a-new-instance"])
+def test_read_range_returns_the_chunk_bytes_at_any_offset(tmp_path, how):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data, verified=(how == "put-verified"))
+    if how == "get-in-a-new-instance":  # another process stored it: get records the blocks
+        c = ChunkCache(str(tmp_path), block_size=BLOCK)
+        assert c.read_range(d, 0, 10) is None
+        assert c.get(d) == data
+    for offset, length in ranges(len(data)):
+        assert c.read_range(d, offset, length) == data[offset:offset + length], (offset, length)
+    assert c.stats.corrupt == 0 and c.stats.misses == 0
+    assert c.stats.range_hits > 0
+
+
+def test_read_range_reads_only_the_covering_blocks(tmp_path, monkeypatch):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    reads = []
+    real_pread = os.pread
+
+    def pread(fd, n, offset):
+        reads.append((n, offset))
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(cache_mod.os, "pread", pread)
+    assert c.read_range(d, 3 * BLOCK + 10, 100) == data[3 * BLOCK + 10:3 * BLOCK + 110]
+    assert c.read_range(d, 2 * BLOCK - 1, 2) == data[2 * BLOCK - 1:2 * BLOCK + 1]
+    assert c.read_range(d, len(data) - 5, 100) == data[-5:]
+    assert reads == [(BLOCK, 3 * BLOCK), (2 * BLOCK, BLOCK), (len(data) % BLOCK, 10 * BLOCK)]
+
+
+def test_read_range_without_block_digests_is_none_until_a_get(tmp_path):
+    ChunkCache(str(tmp_path), block_size=BLOCK).put(*big_chunk(1))
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)  # a new process: no block digests
+    d, data = big_chunk(1)
+    assert c.read_range(d, 0, 10) is None
+    assert c.read_range(digest_of(b"never stored"), 0, 10) is None
+    assert c.stats == CacheStats(range_unknown=2)
+    assert os.path.exists(chunk_path(tmp_path, d))  # not a miss, not corrupt: left alone
+    assert c.get(d) == data
+    assert c.read_range(d, 5, 10) == data[5:15]
+    assert c.stats.range_hits == 1
+
+
+@pytest.mark.parametrize("block_index", [0, 4, 10])  # the first, a middle, the short last one
+def test_a_corrupt_block_is_detected_and_the_file_removed(tmp_path, block_index):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    path = chunk_path(tmp_path, d)
+    at = block_index * BLOCK + 7
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([data[at] ^ 0x01]))
+    # Blocks other than the damaged one are still served: each was checked.
+    other = (block_index + 1) % 11
+    assert c.read_range(d, other * BLOCK, 10) == data[other * BLOCK:other * BLOCK + 10]
+    # A read that touches the damaged block is not.
+    assert c.read_range(d, at - 3, 5) is None
+    assert not os.path.exists(path)
+    assert c.stats.corrupt == 1 and c.stats.misses == 1
+    assert c.usage_bytes() == 0
+    # Its block digests are gone with it; a refetch and put bring everything back.
+    assert c.read_range(d, 0, 10) is None and c.stats.range_unknown == 1
+    c.put(d, data, verified=True)
+    assert c.read_range(d, at - 3, 5) == data[at - 3:at + 2]
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, grow])
+def test_a_file_of_the_wrong_size_is_corrupt_whatever_the_range(tmp_path, damage):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    damage(chunk_path(tmp_path, d))
+    assert c.read_range(d, 0, 10) is None  # the first block is intact in every case
+    assert not os.path.exists(chunk_path(tmp_path, d))
+    assert c.stats.corrupt == 1
+
+
+def test_a_missing_file_is_a_miss(tmp_path):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    os.unlink(chunk_path(tmp_path, d))  # evicted by another process
+    assert c.read_range(d, 0, 10) is None
+    assert c.stats.misses == 1 and c.stats.corrupt == 0 and c.usage_bytes() == 0
+
+
+def test_verified_put_skips_the_whole_chunk_hash(tmp_path, monkeypatch):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    hashed = []
+    real_sha256 = hashlib.sha256
+
+    def sha256(data=b""):
+        hashed.append(len(data))
+        return real_sha256(data)
+
+    monkeypatch.setattr(cache_mod.hashlib, "sha256", sha256)
+    c.put(d, data, verified=True)
+    assert hashed == [BLOCK] * 10 + [len(data) % BLOCK]  # each block once, nothing else
+    hashed.clear()
+    c.put(d, data)  # unverified: the whole chunk too (fed block by block, in the same pass)
+    assert hashed == [0] + [BLOCK] * 10 + [len(data) % BLOCK]
+    monkeypatch.undo()
+    assert c.read_range(d, 0, len(data)) == data
+
+
+def test_verified_put_trusts_the_caller_and_get_still_checks(tmp_path):
+    # The contract: verified=True is the caller's word. Bytes that do not match are stored
+    # (and read_range would serve them); a full get still finds them out and removes them.
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, _ = big_chunk(1)
+    _, other = big_chunk(2)
+    c.put(d, other, verified=True)
+    with pytest.raises(ValueError, match="refusing to cache"):
+        c.put(d, other)
+    assert ChunkCache(str(tmp_path), block_size=BLOCK).get(d) is None
+    assert not os.path.exists(chunk_path(tmp_path, d))
+
+
+def test_read_range_arguments(tmp_path):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    for offset, length in [(-1, 1), (0, -1)]:
+        with pytest.raises(ValueError, match="negative range"):
+            c.read_range(d, offset, length)
+    assert c.read_range(d, len(data), 1) == b""
+    empty_d = digest_of(b"")
+    c.put(empty_d, b"", verified=True)
+    assert c.read_range(empty_d, 0, 10) == b""
+    for bad in [dict(block_size=0), dict(block_digest_bytes=-1)]:
+        with pytest.raises(ValueError):
+            ChunkCache(str(tmp_path), **bad)
+
+
+def test_block_digests_are_bounded_least_recently_used_first(tmp_path):
+    # 11 digests of 32 bytes plus the per-chunk overhead: room for two chunks' records.
+    record = 11 * 32 + cache_mod._BLOCK_RECORD_OVERHEAD
+    c = ChunkCache(str(tmp_path), block_size=BLOCK, block_digest_bytes=2 * record + 10)
+    (d1, x1), (d2, x2), (d3, x3) = big_chunk(1), big_chunk(2), big_chunk(3)
+    c.put(d1, x1)
+    c.put(d2, x2)
+    assert c.read_range(d1, 0, 5) == x1[:5]  # d1 is now the most recently used
+    c.put(d3, x3)  # evicts d2's record, not d1's
+    assert c.read_range(d2, 0, 5) is None
+    assert c.read_range(d1, 0, 5) == x1[:5] and c.read_range(d3, 0, 5) == x3[:5]
+    assert c.get(d2) == x2  # records it again, evicting the least recently used (d1)
+    assert c.read_range(d2, 0, 5) == x2[:5] and c.read_range(d1, 0, 5) is None
+    # A bound too small for any record: range reads just always return None.
+    tiny = ChunkCache(str(tmp_path), block_size=BLOCK, block_digest_bytes=0)
+    tiny.put(d1, x1)
+    assert tiny.read_range(d1, 0, 5) is None and tiny.get(d1) == x1
+
+
+def test_evicted_chunks_lose_their_block_digests(tmp_path):
+    c = ChunkCache(str(tmp_path), max_bytes=25 * BLOCK, block_size=BLOCK)
+    chunks = [big_chunk(i) for i in range(4)]  # 10 KiB each: the third put evicts
+    for d, data in chunks:
+        c.put(d, data)
+    assert c.stats.evictions > 0
+    for d, data in chunks:
+        on_disk = os.path.exists(chunk_path(tmp_path, d))
+        assert c.read_range(d, 0, 5) == (data[:5] if on_disk else None)
+    assert len(c._blocks) == sum(os.path.exists(chunk_path(tmp_path, d)) for d, _ in chunks)
+
+
+def test_read_range_touches_the_file_at_most_once_per_interval(tmp_path):
+    c = ChunkCache(str(tmp_path), block_size=BLOCK)
+    d, data = big_chunk(1)
+    c.put(d, data)
+    path = chunk_path(tmp_path, d)
+    old = time.time() - 2 * cache_mod.TOUCH_INTERVAL_SECONDS
+    os.utime(path, (old, old))
+    c2 = ChunkCache(str(tmp_path), block_size=BLOCK)  # indexes the old mtime
+    assert c2.get(d) == data  # get always touches
+    assert os.path.getmtime(path) > old + 1
+    os.utime(path, (old, old))
+    assert c2.read_range(d, 0, 5) == data[:5]  # used just now, as c2 sees it: no touch
+    assert os.path.getmtime(path) == pytest.approx(old)
+    c3 = ChunkCache(str(tmp_path), block_size=BLOCK)
+    assert c3.get(d) == data
+    os.utime(path, (old, old))
+    c3._index[("chunk", d.split(":")[1])] = cache_mod._Entry(len(data), old)
+    assert c3.read_range(d, 0, 5) == data[:5]  # last used long ago: touched
+    assert os.path.getmtime(path) > old + 1
+
+
+def test_background_puts_and_range_reads_from_many_threads(tmp_path):
+    """put from writer threads (off the readers' path) while readers use read_range and get:
+    a reader gets the right bytes or None, never anything else, whatever the interleaving."""
+    c = ChunkCache(str(tmp_path), max_bytes=60 * BLOCK, block_size=BLOCK)
+    chunks = [big_chunk(i, size=BLOCK * (1 + i % 5) + i) for i in range(30)]
+    errors: list[BaseException] = []
+    wrong: list[str] = []
+
+    def writer(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                d, data = rng.choice(chunks)
+                c.put(d, data, verified=rng.random() < 0.5)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            for _ in range(600):
+                d, data = rng.choice(chunks)
+                offset = rng.randrange(len(data))
+                length = rng.randrange(1, 3 * BLOCK)
+                got = c.read_range(d, offset, length)
+                if got is None:
+                    whole = c.get(d)
+                    if whole is not None and whole != data:
+                        wrong.append(d)
+                elif got != data[offset:offset + length]:
+                    wrong.append(d)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=reader, args=(100 + i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and wrong == []
+    assert c.stats.corrupt == 0 and c.stats.range_hits > 0 and c.stats.evictions > 0
+    assert os.listdir(tmp_path / "tmp") == []
+
+
 # -- several processes -----------------------------------------------------------------------------
 
 
@@ -380,10 +638,12 @@ HOSTILE_DIGESTS = [
 @pytest.mark.parametrize("call", [
     lambda c, d: c.get(d),
     lambda c, d: c.put(d, b"data"),
+    lambda c, d: c.put(d, b"data", verified=True),
+    lambda c, d: c.read_range(d, 0, 1),
     lambda c, d: c.contains(d),
     lambda c, d: c.get_toc(d),
     lambda c, d: c.put_toc(d, b"record"),
-], ids=["get", "put", "contains", "get_toc", "put_toc"])
+], ids=["get", "put", "put-verified", "read_range", "contains", "get_toc", "put_toc"])
 def test_hostile_digests_raise_and_touch_nothing(tmp_path, digest, call):
     (tmp_path / "outside").write_bytes(b"keep")
     c = ChunkCache(str(tmp_path / "cache"))
@@ -485,7 +745,8 @@ def test_default_cache_dir(monkeypatch, euid, xdg, expected):
 _KEYS = [chunk(i, size=10 + 100 * i) for i in range(4)]
 _DAMAGES = [flip_a_byte, truncate, empty, grow]
 
-_OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "damage", "reopen"]),
+_OPS = st.lists(st.tuples(st.sampled_from(["put", "put-verified", "get", "range", "damage",
+                                           "reopen"]),
                           st.integers(0, 1),  # which of two instances ("processes")
                           st.integers(0, len(_KEYS) - 1)),  # which key, or which damage
                 max_size=60)
@@ -493,22 +754,27 @@ _OPS = st.lists(st.tuples(st.sampled_from(["put", "get", "damage", "reopen"]),
 
 @settings(max_examples=100, deadline=None)
 @given(_OPS)
-def test_property_get_never_returns_bytes_that_do_not_match_the_key(ops):
+def test_property_get_and_read_range_never_return_bytes_that_do_not_match_the_key(ops):
     max_bytes = 600
     with tempfile.TemporaryDirectory() as root:
-        instances = [ChunkCache(root, max_bytes=max_bytes), ChunkCache(root, max_bytes=max_bytes)]
+        instances = [ChunkCache(root, max_bytes=max_bytes, block_size=32),
+                     ChunkCache(root, max_bytes=max_bytes, block_size=32)]
         for op, which, k in ops:
             c = instances[which]
             d, data = _KEYS[k]
-            if op == "put":
-                c.put(d, data)
+            if op in ("put", "put-verified"):
+                c.put(d, data, verified=(op == "put-verified"))
                 assert c.usage_bytes() <= max_bytes
             elif op == "get":
                 got = c.get(d)
                 assert got is None or digest_of(got) == d
+            elif op == "range":  # a range picked from the key and the instance: deterministic
+                offset, length = (k * 37) % len(data), 25 + 50 * which
+                got = c.read_range(d, offset, length)
+                assert got is None or got == data[offset:offset + length]
             elif op == "damage":  # every chunk on disk, in one of the ways bits go bad
                 for rel, content in tree(root).items():
                     if rel.startswith("chunks") and content:
                         _DAMAGES[k](os.path.join(root, rel))
             else:
-                instances[which] = ChunkCache(root, max_bytes=max_bytes)
+                instances[which] = ChunkCache(root, max_bytes=max_bytes, block_size=32)

@@ -274,3 +274,111 @@ def test_end_offset_bounds_a_chunk_range():
     assert (items[0].chunks[0].blob_end, items[1].chunks[0].blob_end) == (150, 320)
     with pytest.raises(FormatError, match="endOffset"):
         resolve(TOC([reg("a", 10, 100, end_offset=90)]), toc_blob_offset=400)
+
+
+# --- the fast parser against the field-by-field reference ------------------------------------
+
+from lazyfs.format import toc as toc_mod  # noqa: E402
+from lazyfs.format.toc import Chunk, clean_name  # noqa: E402
+
+_WIRE_NAMES = [wire for _, wire, _ in toc_mod._FIELDS] + ["unknownField"]
+_JSON_VALUES = st.one_of(
+    st.integers(min_value=-2, max_value=3), st.sampled_from([(1 << 63) - 1, 1 << 63, 10**30]),
+    st.booleans(), st.none(), st.floats(allow_nan=False, max_value=10, min_value=-10),
+    st.sampled_from(["", "a", "a\x00", "reg", "dir", "chunk", "sock", "2023-11-14T22:13:20Z",
+                     "sha256:" + "ab" * 32, "sha256:" + "ab" * 32 + "\n", "sha256:" + "AB" * 32,
+                     "md5:00", "ü/./x"]),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.sampled_from(["user.a", "k"]), st.sampled_from(["", "AAE=", "!!", 5]),
+                    max_size=2),
+)
+_RAW_ENTRIES = st.dictionaries(st.sampled_from(_WIRE_NAMES), _JSON_VALUES, max_size=8)
+
+
+def _outcome(build):
+    try:
+        return build()
+    except FormatError as exc:
+        return f"FormatError: {exc}"
+
+
+@given(st.lists(st.one_of(_RAW_ENTRIES, _JSON_VALUES), max_size=4))
+@settings(max_examples=500)
+def test_the_fast_parser_agrees_with_the_reference_on_any_input(raws):
+    """Same entries, or the same error (message included), as `_entry_from_json` one by one."""
+    def reference():
+        return [toc_mod._entry_from_json(i, raw) for i, raw in enumerate(raws)]
+
+    assert _outcome(lambda: toc_mod._entries_from_json(list(raws))) == _outcome(reference)
+
+
+@given(st.lists(entries, max_size=8))
+def test_parsed_entries_share_repeated_strings(items):
+    parsed = parse_toc(dump_toc(TOC(items + items))).entries
+    half = len(items)
+    for a, b in zip(parsed[:half], parsed[half:]):
+        assert a.type is b.type and a.modtime is b.modtime and a.user_name is b.user_name
+        assert a.digest is b.digest and a.chunk_digest is b.chunk_digest
+    # ...and the entries are still independent objects (xattrs included).
+    for a, b in zip(parsed[:half], parsed[half:]):
+        assert a is not b and a.xattrs is not b.xattrs
+
+
+def test_a_digest_with_a_trailing_newline_is_refused():
+    doc = json.dumps({"version": 1, "entries": [
+        {"name": "a", "type": "reg", "digest": "sha256:" + "ab" * 32 + "\n"}]}).encode()
+    with pytest.raises(FormatError, match="entry 0 field 'digest' is not a sha256 digest"):
+        parse_toc(doc)
+
+
+def test_the_first_bad_field_in_wire_order_is_named():
+    # Two bad fields, JSON order the reverse of _FIELDS order: the message names the first of
+    # _FIELDS, as the field-by-field parser always did.
+    doc = b'{"version": 1, "entries": [{"name": "a", "chunkSize": -1, "type": "reg", "size": "x"}]}'
+    with pytest.raises(FormatError, match="entry 0 field 'size' is not an integer"):
+        parse_toc(doc)
+
+
+_NAME_PARTS = st.sampled_from(["a", "b", "é", "\udc80", ".", "..", "", ".a", "a.", "..a"])
+
+
+@given(st.lists(_NAME_PARTS, max_size=6), st.sampled_from(["", "/", "./", "//"]),
+       st.sampled_from(["", "/", "/.", "//"]))
+def test_clean_name_fast_path_agrees_with_normpath(parts, prefix, suffix):
+    import posixpath
+    name = prefix + "/".join(parts) + suffix
+    expected = posixpath.normpath("/" + name).lstrip("/")
+    assert clean_name(name) == ("" if expected == "." else expected)
+
+
+def test_resolved_chunks_are_ordinary_frozen_chunks():
+    items = resolve(TOC([reg("a", 10, 100, chunk_size=4, chunk_digest="sha256:" + "01" * 32),
+                         chunk(150, 4)]), toc_blob_offset=300)
+    first, second = items[0].chunks
+    assert first == Chunk(file_offset=0, size=4, blob_offset=100, blob_end=150, inner_offset=0,
+                          digest="sha256:" + "01" * 32)
+    assert hash(second) == hash(Chunk(4, 6, 150, 300, 0, ""))
+    with pytest.raises(AttributeError):
+        first.size = 5
+
+
+def test_resolve_checks_tiling_after_every_chunk_is_attached():
+    # A file that does not tile, then a chunk entry past the TOC: the offset error comes first,
+    # as the checks always ran in that order.
+    with pytest.raises(FormatError, match="not before the TOC"):
+        resolve(TOC([reg("a", 10, 5, chunk_size=4), reg("b", 3, 50), chunk(500, 1)]),
+                toc_blob_offset=300)
+
+
+def test_parse_and_resolve_leave_the_garbage_collector_as_they_found_it():
+    import gc
+    doc = dump_toc(TOC([reg("a", 1, 0)]))
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            resolve(parse_toc(doc), 10)
+            with pytest.raises(FormatError):
+                parse_toc(b'{"version": 1, "entries": [5]}')
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()

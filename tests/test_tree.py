@@ -22,7 +22,7 @@ import tracemalloc
 
 import pytest
 
-from lazyfs.format.toc import TOC, Chunk, ResolvedEntry, TOCEntry, resolve
+from lazyfs.format.toc import TOC, Chunk, ResolvedEntry, TOCEntry, dump_toc, parse_toc, resolve
 from lazyfs.tree import (DIR_SIZE, MAX_WARNINGS, NO_XATTRS, ROOT_INODE, Node, Tree, build_tree)
 
 MTIME = "2023-11-14T22:13:20Z"
@@ -322,6 +322,18 @@ def test_replaced_and_whited_out_nodes_are_gone_from_the_inode_table():
 
 # --- directory link counts ---------------------------------------------------------------------
 
+def test_a_directory_replaced_within_a_layer_gets_no_more_entries():
+    # When "d" is replaced by a file, a later "d/b" must not go into the removed directory
+    # (the builder remembers the last directory it looked up; see _Builder._unlink).
+    tree = build(layer(file_("d/a", 1), file_("d", 2), file_("d/b", 3), file_("d/c", 4)))
+    assert shape(tree) == {"": "dir", "d": "dir", "d/b": "reg 3 @0", "d/c": "reg 4 @0"}
+    assert tree.warning_count == 1  # the file "d" replaced by a directory
+    check_invariants(tree)
+    tree = build(layer(dir_("x"), file_("x/a", 1)), layer(whiteout("x"), file_("x/b", 2)))
+    assert shape(tree) == {"": "dir", "x": "dir", "x/b": "reg 2 @1"}
+    check_invariants(tree)
+
+
 def test_directory_nlink_is_two_plus_subdirectories():
     tree = build(layer(dir_("a"), dir_("a/b"), dir_("a/c"), file_("a/f", 1), file_("a/d/e/f", 1)),
                  layer(whiteout("a/c"), symlink("a/l", "b")))
@@ -454,8 +466,9 @@ def test_lookup():
     assert tree.lookup_path("/") is tree.lookup_path("") is tree.lookup_path(".") is tree.root
     with pytest.raises(KeyError):
         tree.lookup(999, b"a")
-    with pytest.raises(KeyError):
-        tree.node(999)
+    for inode in (999, 0, -1, -2, 10**30):
+        with pytest.raises(KeyError):
+            tree.node(inode)
 
 
 def test_non_utf8_names_are_the_original_bytes():
@@ -559,7 +572,76 @@ def test_memory_per_entry(capsys):
         print(f"\ntree memory: {tree.entry_count} entries, {after - before} bytes, "
               f"{per_entry:.0f} bytes per entry")
     assert tree.entry_count == 100_000 + 3  # root, usr, usr/share
-    assert per_entry < 2048
+    assert per_entry < 700
+
+
+def test_the_tree_keeps_nothing_of_the_toc_entries():
+    """After build_tree the caller may drop the TOC and resolved entries: no node refers to
+    them (or to their chunk lists); the tree holds its own copies of what it needs."""
+    layers = image_layers() + [layer(file_("x", 5, xattrs={"user.k": b"v"}), symlink("s", "x"),
+                                     chardev("c", 1, 3), file_("big", 10, chunk_size=4))]
+    tree = build_tree(layers)
+    entry_ids = {id(item) for items in layers for item in items}
+    entry_ids |= {id(item.entry) for items in layers for item in items}
+    entry_ids |= {id(item.chunks) for items in layers for item in items}
+    entry_ids |= {id(item.entry.xattrs) for items in layers for item in items}
+    for _, node in tree.walk():
+        referents = gc.get_referents(node)
+        assert not any(id(r) in entry_ids for r in referents), node
+        assert not any(isinstance(r, (TOCEntry, ResolvedEntry, list)) for r in referents), node
+        assert isinstance(node.chunks, tuple)
+        assert all(isinstance(c, Chunk) for c in node.chunks)
+
+
+def test_memory_of_the_daemon_state_per_entry(capsys):
+    """What a mount keeps: a 100,000-entry TOC parsed from JSON, resolved, built into a tree;
+    then the entries are dropped (the tree is all a mount needs). Entries like bench/metadata.py's
+    image: 1,000 directories of 100 entries (per ten: five empty files, four small files of one
+    chunk, one symlink)."""
+    entries = []
+    offset = 0
+    for d in range(1000):
+        directory = f"dir{d:05d}"
+        entries.append(TOCEntry(name=directory, type="dir", mode=0o755, modtime=MTIME,
+                                user_name="root", group_name="root") if d == 0 else
+                       TOCEntry(name=directory, type="dir", mode=0o755, modtime=MTIME))
+        for f in range(100):
+            name = f"{directory}/entry{f:05d}"
+            if f % 10 == 9:
+                entries.append(TOCEntry(name=name, type="symlink", mode=0o777, modtime=MTIME,
+                                        link_name=f"entry{f - 1:05d}"))
+            elif f % 10 < 5:
+                entries.append(TOCEntry(name=name, type="reg", mode=0o644, modtime=MTIME,
+                                        digest=_digest()))
+            else:
+                offset += 1000
+                digest = _digest(d, f)
+                entries.append(TOCEntry(name=name, type="reg", mode=0o644, modtime=MTIME,
+                                        size=1 + (d * 100 + f) % 2000, blob_offset=offset,
+                                        digest=digest, chunk_digest=digest))
+    toc_json = dump_toc(TOC(entries))
+    del entries
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        resolved = resolve(parse_toc(toc_json), offset + 1000)
+        tree = build_tree([resolved])
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+        del resolved
+        gc.collect()
+        dropped = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    count = tree.entry_count
+    with capsys.disabled():
+        print(f"\ndaemon state: {count} entries: {(kept - before) / count:.0f} bytes per entry "
+              f"with the resolved entries kept, {(dropped - before) / count:.0f} once dropped")
+    assert count == 101_001
+    assert (dropped - before) / count < 500
+    assert (kept - before) / count < 1100
 
 
 # --- against a real extraction -----------------------------------------------------------------

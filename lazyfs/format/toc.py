@@ -16,11 +16,14 @@ import base64
 import binascii
 import bisect
 import datetime
+import gc
 import json
 import posixpath
 import re
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import MISSING, dataclass, field, fields
 
 from lazyfs.errors import FormatError
 
@@ -29,15 +32,16 @@ TOC_VERSION = 1
 # Entry types. "chunk" continues the regular file named by the preceding "reg" entry.
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 
-# Digests are OCI digests; only sha256 is written or accepted.
-_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+# Digests are OCI digests; only sha256 is written or accepted. Used with fullmatch: no trailing
+# newline or other junk slips by (the cache, which makes paths of digests, is as strict).
+_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 # Largest value accepted for any integer field: offsets and sizes must fit a signed 64-bit int,
 # as they do in the reference implementation.
 _INT_MAX = (1 << 63) - 1
 
 
-@dataclass
+@dataclass(slots=True)
 class TOCEntry:
     name: str
     type: str
@@ -58,6 +62,7 @@ class TOCEntry:
     chunk_size: int = 0  # 0 in JSON means "to the end of the file"
     chunk_digest: str = ""  # sha256 of this chunk's uncompressed bytes
     inner_offset: int = 0  # where the chunk starts inside the decompressed member
+    end_offset: int = 0  # zstd:chunked: where this entry's compressed frames end in the blob
 
     @property
     def is_data(self) -> bool:
@@ -86,6 +91,7 @@ _FIELDS: tuple[tuple[str, str, str], ...] = (
     ("chunk_size", "chunkSize", "int"),
     ("chunk_digest", "chunkDigest", "digest"),
     ("inner_offset", "innerOffset", "int"),
+    ("end_offset", "endOffset", "int"),
 )
 
 
@@ -117,22 +123,146 @@ def dump_toc(toc: TOC) -> bytes:
 
 def parse_toc(toc_json: bytes) -> TOC:
     """Parse and type-check a TOC. Raises FormatError naming the first bad entry and field."""
+    with _gc_paused():
+        try:
+            doc = json.loads(toc_json)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise FormatError(f"TOC is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise FormatError("TOC is not a JSON object")
+        version = doc.get("version")
+        if version != TOC_VERSION:
+            raise FormatError(f"unsupported TOC version {version!r} (want {TOC_VERSION})")
+        raw_entries = doc.get("entries")
+        if not isinstance(raw_entries, list):
+            raise FormatError("TOC has no 'entries' list")
+        del doc  # only raw_entries, which the parse consumes, is left of the document
+        return TOC(entries=_entries_from_json(raw_entries))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector (if it runs) for a burst of allocations.
+
+    Parsing and resolving a 100,000-entry TOC allocate a few hundred thousand objects and make
+    no reference cycles, but every few hundred allocations trigger a collection, and the older
+    generations are traversed again and again as the objects pile up: about a fifth of the time.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
     try:
-        doc = json.loads(toc_json)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(f"TOC is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise FormatError("TOC is not a JSON object")
-    version = doc.get("version")
-    if version != TOC_VERSION:
-        raise FormatError(f"unsupported TOC version {version!r} (want {TOC_VERSION})")
-    raw_entries = doc.get("entries")
-    if not isinstance(raw_entries, list):
-        raise FormatError("TOC has no 'entries' list")
-    return TOC(entries=[_entry_from_json(i, raw) for i, raw in enumerate(raw_entries)])
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# The parser's tables, derived from `_FIELDS` and TOCEntry so that they cannot disagree.
+# Kinds: the checks of `_check_value`, plus two that only say what the fast path shares.
+_K_INT, _K_STR, _K_SHARED_STR, _K_DIGEST, _K_XATTRS, _K_TYPE = range(6)
+_ENTRY_ATTRS = tuple(f.name for f in fields(TOCEntry))
+# Strings that repeat from entry to entry: one object per distinct value saves ~50-120 bytes
+# a field an entry for as long as the entries live (the type is shared through ENTRY_TYPES).
+_SHARED_ATTRS = frozenset({"modtime", "user_name", "group_name"})
+_WIRE_SPEC: dict[str, tuple[int, int]] = {
+    wire: (_ENTRY_ATTRS.index(attr),
+           _K_TYPE if attr == "type" else
+           _K_SHARED_STR if attr in _SHARED_ATTRS else
+           {"int": _K_INT, "str": _K_STR, "digest": _K_DIGEST, "xattrs": _K_XATTRS}[kind])
+    for attr, wire, kind in _FIELDS
+}
+assert set(_ENTRY_ATTRS) == {attr for attr, _, _ in _FIELDS}, "_FIELDS must cover TOCEntry"
+# Positional arguments of TOCEntry with every field at its default; None for the fields that
+# have no plain default: name and type (required) and xattrs (a new dict per entry).
+_ENTRY_DEFAULTS = [None if f.default is MISSING else f.default for f in fields(TOCEntry)]
+_NAME_POS = _ENTRY_ATTRS.index("name")
+_TYPE_POS = _ENTRY_ATTRS.index("type")
+_XATTRS_POS = _ENTRY_ATTRS.index("xattrs")
+_TYPE_NAMES = {name: name for name in ENTRY_TYPES}
+
+
+def _entries_from_json(raw_entries: list) -> list[TOCEntry]:
+    """The entries, checked as `_entry_from_json` checks them, in one tight loop.
+
+    Every check of `_entry_from_json` is made here too, without building any message. An entry
+    this loop does not accept is handed to `_entry_from_json`, which raises the precise error
+    (the first bad field in `_FIELDS` order, as always) or, should this loop be stricter than
+    it somewhere, builds the entry. Strings that repeat across entries (types, times, owner
+    names, digests: a one-chunk file's digest is its chunk digest, and empty files share one)
+    become one object each, and each distinct digest is matched against the pattern once.
+
+    Consumes `raw_entries`: each JSON object is dropped from the list once its entry is made,
+    so that its memory is reused for the next entries (a lower peak for a big TOC).
+    """
+    entries: list[TOCEntry] = []
+    append = entries.append
+    spec_of = _WIRE_SPEC.get
+    type_of = _TYPE_NAMES.get
+    defaults = _ENTRY_DEFAULTS
+    make = TOCEntry
+    int_max = _INT_MAX
+    is_digest = _DIGEST_RE.fullmatch
+    strings: dict[str, str] = {}  # checked as strings; never mixed with digests
+    digests: dict[str, str] = {"": ""}  # checked as digests
+    for index, raw in enumerate(raw_entries):
+        if type(raw) is not dict:  # json.loads makes exact dicts, ints and strs, no subclasses
+            append(_entry_from_json(index, raw))
+            continue
+        values = defaults.copy()
+        for wire, value in raw.items():
+            spec = spec_of(wire)
+            if spec is None:
+                continue  # an unknown field: ignored, as by the reference implementation
+            position, kind = spec
+            value_type = type(value)
+            if kind == _K_INT:
+                if value_type is not int or not 0 <= value <= int_max:
+                    break
+            elif kind == _K_DIGEST:
+                shared = digests.get(value) if value_type is str else None
+                if shared is None:
+                    if value_type is not str or not is_digest(value):
+                        break
+                    shared = digests[value] = value
+                value = shared
+            elif kind == _K_STR:
+                if value_type is not str or "\x00" in value:
+                    break
+            elif kind == _K_SHARED_STR:
+                shared = strings.get(value) if value_type is str else None
+                if shared is None:
+                    if value_type is not str or "\x00" in value:
+                        break
+                    shared = strings[value] = value
+                value = shared
+            elif kind == _K_TYPE:
+                value = type_of(value) if value_type is str else None
+                if value is None:
+                    break
+            else:  # _K_XATTRS: rare, and the check builds a new dict anyway
+                try:
+                    value = _check_value(index, wire, "xattrs", value)
+                except FormatError:
+                    break
+            values[position] = value
+        else:
+            if values[_TYPE_POS] is not None:
+                if values[_NAME_POS] is None:
+                    if values[_TYPE_POS] != "chunk":
+                        append(_entry_from_json(index, raw))  # raises: no name
+                        continue
+                    values[_NAME_POS] = ""
+                if values[_XATTRS_POS] is None:
+                    values[_XATTRS_POS] = {}
+                append(make(*values))
+                raw_entries[index] = None
+                continue
+        append(_entry_from_json(index, raw))  # raises the precise error
+    return entries
 
 
 def _entry_from_json(index: int, raw: object) -> TOCEntry:
+    """One entry, checked field by field: the reference for `_entries_from_json`."""
     if not isinstance(raw, dict):
         raise FormatError(f"TOC entry {index} is not an object")
     values = {}
@@ -148,29 +278,31 @@ def _entry_from_json(index: int, raw: object) -> TOCEntry:
 
 
 def _check_value(index: int, wire: str, kind: str, value: object):
-    where = f"TOC entry {index} field {wire!r}"
+    def where() -> str:  # made only for a message
+        return f"TOC entry {index} field {wire!r}"
+
     if kind == "int":
         # bool is an int subclass in Python; JSON true is not a number.
         if not isinstance(value, int) or isinstance(value, bool):
-            raise FormatError(f"{where} is not an integer: {value!r}")
+            raise FormatError(f"{where()} is not an integer: {value!r}")
         if not 0 <= value <= _INT_MAX:
-            raise FormatError(f"{where} is out of range: {value}")
+            raise FormatError(f"{where()} is out of range: {value}")
         return value
     if kind in ("str", "digest"):
         if not isinstance(value, str):
-            raise FormatError(f"{where} is not a string")
+            raise FormatError(f"{where()} is not a string")
         if "\x00" in value:
-            raise FormatError(f"{where} contains a NUL byte")
-        if kind == "digest" and value and not _DIGEST_RE.match(value):
-            raise FormatError(f"{where} is not a sha256 digest: {value[:80]!r}")
+            raise FormatError(f"{where()} contains a NUL byte")
+        if kind == "digest" and value and not _DIGEST_RE.fullmatch(value):
+            raise FormatError(f"{where()} is not a sha256 digest: {value[:80]!r}")
         return value
     if kind == "xattrs":
         if not isinstance(value, dict):
-            raise FormatError(f"{where} is not an object")
+            raise FormatError(f"{where()} is not an object")
         try:
             return {str(k): base64.b64decode(v, validate=True) for k, v in value.items()}
         except (binascii.Error, TypeError, ValueError):
-            raise FormatError(f"{where} has a value that is not base64") from None
+            raise FormatError(f"{where()} has a value that is not base64") from None
     raise AssertionError(kind)
 
 
@@ -190,7 +322,7 @@ class Chunk:
     digest: str  # sha256 of the uncompressed chunk; "" if the TOC has none
 
 
-@dataclass
+@dataclass(slots=True)
 class ResolvedEntry:
     """A non-chunk TOC entry with implicit values filled and its chunks attached."""
 
@@ -203,8 +335,24 @@ class ResolvedEntry:
 
 def clean_name(name: str) -> str:
     """Canonical path of a tar or TOC name, as readers of both formats compute it."""
+    # Most names are canonical already ("usr/bin/env"): no empty, "." or ".." component and no
+    # leading or trailing "/". Then normpath would return the name itself: skip it, and return
+    # the very object (the caller may keep both). A name with a "." after a "/" or at the start
+    # may only be a dot file: the slow way decides.
+    if (name and name[0] != "/" and name[0] != "." and name[-1] != "/"
+            and "//" not in name and "/." not in name):
+        return name
     cleaned = posixpath.normpath("/" + name).lstrip("/")
     return "" if cleaned == "." else cleaned
+
+
+# Chunk is frozen: its generated __init__ sets each field through object.__setattr__, which
+# costs more than the rest of resolving a chunk. resolve() makes chunks through the slots'
+# own setters instead (same result: every field set once, before anyone sees the object).
+_new_object = object.__new__
+_CHUNK_SETTERS = tuple(getattr(Chunk, f.name).__set__ for f in fields(Chunk))
+assert [f.name for f in fields(Chunk)] == ["file_offset", "size", "blob_offset", "blob_end",
+                                           "inner_offset", "digest"]
 
 
 def resolve(toc: TOC, toc_blob_offset: int) -> list[ResolvedEntry]:
@@ -212,58 +360,95 @@ def resolve(toc: TOC, toc_blob_offset: int) -> list[ResolvedEntry]:
 
     `toc_blob_offset` bounds the compressed range of the last member before the TOC.
     """
-    member_starts = sorted({e.blob_offset for e in toc.entries if e.is_data and e.blob_offset})
+    with _gc_paused():
+        return _resolve(toc.entries, toc_blob_offset)
+
+
+def _resolve(entries: list[TOCEntry], toc_offset: int) -> list[ResolvedEntry]:
+    member_starts = sorted({e.blob_offset for e in entries
+                            if e.blob_offset and (e.type == "reg" or e.type == "chunk")})
+    starts_count = len(member_starts)
     resolved: list[ResolvedEntry] = []
+    files: list[ResolvedEntry] = []  # the regular files: the only entries with chunks
     user_names: dict[int, str] = {}
     group_names: dict[int, str] = {}
+    # One int object per distinct chunk size and inner offset (JSON makes one per occurrence,
+    # and CPython shares only -5..256): they live as long as the mount.
+    ints: dict[int, int] = {}
+    intern = ints.setdefault
+    set_file_offset, set_size, set_blob_offset, set_blob_end, set_inner_offset, set_digest = \
+        _CHUNK_SETTERS
+    new_resolved = ResolvedEntry
     current_file: ResolvedEntry | None = None
-    for index, entry in enumerate(toc.entries):
-        if entry.type == "chunk":
+    for index, entry in enumerate(entries):
+        entry_type = entry.type
+        if entry_type == "chunk":
             if current_file is None:
                 raise FormatError(f"TOC entry {index} is a chunk with no regular file before it")
-            _add_chunk(current_file, entry, member_starts, toc_blob_offset, index)
+            file = current_file
+        else:
+            # Names travel forward: only the first entry with a given uid/gid needs to carry them.
+            user_name = entry.user_name
+            if user_name:
+                user_names[entry.uid] = user_name
+            else:
+                user_name = user_names.get(entry.uid, "")
+            group_name = entry.group_name
+            if group_name:
+                group_names[entry.gid] = group_name
+            else:
+                group_name = group_names.get(entry.gid, "")
+            item = new_resolved(entry, clean_name(entry.name), user_name, group_name, [])
+            resolved.append(item)
+            if entry_type != "reg":
+                current_file = None
+                continue
+            current_file = file = item
+            files.append(item)
+            if not entry.size:
+                continue
+        # A chunk of `file`: the "reg" entry itself (its first chunk) or a "chunk" entry.
+        blob_offset = entry.blob_offset
+        file_offset = entry.file_offset
+        size = entry.chunk_size
+        if not size:  # "to the end of the file"
+            file_size = file.entry.size
+            size = file_size - file_offset if file_offset else file_size
+        if blob_offset >= toc_offset:
+            raise FormatError(f"TOC entry {index} ({file.path}): chunk offset {blob_offset} "
+                              f"is not before the TOC at {toc_offset}")
+        next_start = bisect.bisect_right(member_starts, blob_offset)
+        blob_end = member_starts[next_start] if next_start < starts_count else toc_offset
+        # zstd:chunked entries may say where their frames end: fetch no more than that. (For the
+        # first chunk of a chunked file, endOffset covers the whole file: the next start is
+        # nearer.)
+        end_offset = entry.end_offset
+        if end_offset:
+            if not blob_offset < end_offset <= toc_offset:
+                raise FormatError(f"TOC entry {index} ({file.path}): endOffset {end_offset} is "
+                                  f"not after offset {blob_offset} and before the TOC")
+            if end_offset < blob_end:
+                blob_end = end_offset
+        chunk = _new_object(Chunk)
+        set_file_offset(chunk, file_offset)
+        set_size(chunk, intern(size, size))
+        set_blob_offset(chunk, blob_offset)
+        set_blob_end(chunk, blob_end)
+        set_inner_offset(chunk, intern(entry.inner_offset, entry.inner_offset))
+        set_digest(chunk, entry.chunk_digest)
+        file.chunks.append(chunk)
+    # The chunks of a file must tile it exactly. Checked once every chunk is attached; the
+    # common one-chunk file is checked inline.
+    for item in files:
+        chunks = item.chunks
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if not chunk.file_offset and chunk.size == item.entry.size and chunk.size > 0:
+                continue
+        elif not chunks and not item.entry.size:
             continue
-        # Names travel forward: only the first entry with a given uid/gid needs to carry them.
-        user_names.setdefault(entry.uid, "")
-        group_names.setdefault(entry.gid, "")
-        if entry.user_name:
-            user_names[entry.uid] = entry.user_name
-        if entry.group_name:
-            group_names[entry.gid] = entry.group_name
-        item = ResolvedEntry(
-            entry=entry,
-            path=clean_name(entry.name),
-            user_name=user_names[entry.uid],
-            group_name=group_names[entry.gid],
-            chunks=[],
-        )
-        resolved.append(item)
-        current_file = None
-        if entry.type == "reg":
-            current_file = item
-            if entry.size:
-                _add_chunk(item, entry, member_starts, toc_blob_offset, index)
-    for item in resolved:
         _check_chunks_cover_file(item)
     return resolved
-
-
-def _add_chunk(file: ResolvedEntry, entry: TOCEntry, member_starts: list[int], toc_offset: int,
-               index: int) -> None:
-    size = entry.chunk_size or (file.entry.size - entry.file_offset)
-    if entry.blob_offset >= toc_offset:
-        raise FormatError(f"TOC entry {index} ({file.path}): chunk offset {entry.blob_offset} "
-                          f"is not before the TOC at {toc_offset}")
-    next_start = bisect.bisect_right(member_starts, entry.blob_offset)
-    blob_end = member_starts[next_start] if next_start < len(member_starts) else toc_offset
-    file.chunks.append(Chunk(
-        file_offset=entry.file_offset,
-        size=size,
-        blob_offset=entry.blob_offset,
-        blob_end=blob_end,
-        inner_offset=entry.inner_offset,
-        digest=entry.chunk_digest,
-    ))
 
 
 def _check_chunks_cover_file(item: ResolvedEntry) -> None:
