@@ -163,6 +163,10 @@ class ChunkFetcher:
         """`size` bytes of a file from `file_offset` (fewer at the end of the file)."""
         end = file_offset + size
         wanted = _covering(chunks, file_offset, end)
+        if len(wanted) == 1:
+            piece = await self._from_cached_range(layer, wanted[0], file_offset, end)
+            if piece is not None:
+                return piece
         readahead = self._readahead(layer, chunks, file_offset, end)
         datas = await self.get_chunks(layer, wanted, Priority.DEMAND, readahead=readahead)
         parts = []
@@ -173,6 +177,32 @@ class ChunkFetcher:
         out = b"".join(parts)
         self.stats[layer.index].bytes_served += len(out)
         return out
+
+    async def _from_cached_range(self, layer, chunk: Chunk, file_offset: int, end: int) -> bytes | None:
+        """A read inside one chunk that memory does not hold, served from the disk cache by
+        reading and checking only the blocks it covers (a 4 KiB read must not re-hash a 4 MiB
+        chunk). None when the cache cannot: the chunk was never fully verified in this
+        process, or a block failed its check (the file is gone then, and gets refetched)."""
+        if self.cache is None or not chunk.digest:
+            return None
+        key = self._key(layer, chunk)
+        if key in self._flights or self._memory.get(key) is not None:
+            return None
+        start = max(file_offset, chunk.file_offset) - chunk.file_offset
+        stop = min(end, chunk.file_offset + chunk.size) - chunk.file_offset
+        try:
+            piece = await trio.to_thread.run_sync(self.cache.read_range, chunk.digest, start,
+                                                  stop - start)
+        except CacheError as exc:
+            self.cache_errors += 1
+            log.warning("chunk cache: %s", exc)
+            return None
+        if piece is None or len(piece) != stop - start:
+            return None
+        stats = self.stats[layer.index]
+        stats.cache_hits += 1
+        stats.bytes_served += len(piece)
+        return piece
 
     async def chunk(self, layer, chunk: Chunk) -> bytes:
         return (await self.get_chunks(layer, [chunk], Priority.DEMAND))[0]
@@ -348,7 +378,8 @@ class ChunkFetcher:
         if self.cache is None:
             return
         try:
-            self.cache.put(digest, data)
+            # Just verified against the TOC (in _decode): the cache need not hash it again.
+            self.cache.put(digest, data, verified=True)
         except CacheError as exc:
             self.cache_errors += 1
             log.warning("could not cache chunk %s: %s", digest, exc)

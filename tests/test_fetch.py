@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import trio
@@ -133,3 +134,21 @@ def test_toc_is_cached_and_checked(layer_setup, tmp_path):
     assert source.reads == [] and len(again.entries) == len(layer.entries)
     with pytest.raises(VerificationError, match="pinned"):
         open_layer(0, LayerSpec(source, "sha256:" + "0" * 64, "test"), ChunkCache(str(tmp_path / "c2")))
+
+
+def test_small_reads_from_the_disk_cache_check_only_their_blocks(layer_setup):
+    source, cache, layer, files, content = layer_setup
+    item = files["f1"]
+    assert read(ChunkFetcher([layer], cache), layer, item, 0, 10) == content["f1"][:10]
+    fetched = len(source.reads)
+    before = cache.stats.range_hits
+    # A new fetcher has nothing in memory: a 4 KiB read comes from the cache file's blocks.
+    assert read(ChunkFetcher([layer], cache), layer, item, 5000, 4096) == content["f1"][5000:9096]
+    assert cache.stats.range_hits == before + 1 and len(source.reads) == fetched
+    # A damaged block is caught: the file is dropped and the chunk fetched again, correctly.
+    path = next(p for p in (Path(cache.root) / "chunks").rglob(item.chunks[0].digest.split(":")[1]))
+    data = bytearray(path.read_bytes())
+    data[5000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert read(ChunkFetcher([layer], cache), layer, item, 5000, 4096) == content["f1"][5000:9096]
+    assert len(source.reads) == fetched + 1

@@ -382,3 +382,27 @@ def test_parse_and_resolve_leave_the_garbage_collector_as_they_found_it():
             assert gc.isenabled() is enabled
         finally:
             gc.enable()
+
+
+def test_parsed_entries_keep_no_object_of_the_json_document(monkeypatch):
+    """So that the document's memory can go back to the system whole (see _entries_from_json)."""
+    documents = []
+    real_loads = json.loads
+
+    def loads(data):
+        documents.append(real_loads(data))
+        return documents[-1]
+
+    monkeypatch.setattr(toc_mod.json, "loads", loads)
+    items = [reg(f"dir/file{i}", 1000 + i, 5000 + i, chunk_size=0, uid=1000, user_name="user",
+                 modtime="2023-11-14T22:13:20Z", digest="sha256:" + "ab" * 32,
+                 chunk_digest="sha256:" + "cd" * 32, mode=0o644) for i in range(3)]
+    items.append(TOCEntry(name="link", type="symlink", link_name="dir/file0", mode=0o777))
+    parsed = parse_toc(dump_toc(TOC(items))).entries
+    assert parsed == items
+    in_document = {id(value) for raw in documents[0]["entries"] for value in raw.values()}
+    for entry in parsed:
+        for attr in toc_mod._ENTRY_ATTRS:
+            value = getattr(entry, attr)
+            if (isinstance(value, int) and value > 256) or (isinstance(value, str) and len(value) > 1):
+                assert id(value) not in in_document, (entry.name, attr)
