@@ -310,13 +310,9 @@ class ChunkCache:
         stop = min(-(-end // block_size) * block_size, size)
         key = (_CHUNK, hex_)
         path = self._path(_CHUNK, hex_)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            self._forget(key, miss=True)
+        fd = self._open_entry(key, path)
+        if fd is None:
             return None
-        except OSError as exc:
-            raise CacheError(f"cannot open {path}: {exc}") from exc
         try:
             st = os.fstat(fd)
             intact = st.st_size == size  # truncated or grown: corrupt, whatever the range
@@ -387,19 +383,25 @@ class ChunkCache:
             return os.path.join(self._chunks_dir, hex_[:2], hex_)
         return os.path.join(self._tocs_dir, hex_)
 
-    def _read(self, kind: str, hex_: str,
-              check: Callable[[bytes], bytes | None]) -> bytes | None:
-        """Read a file and run check(raw) → payload or None (corrupt: delete, count a miss)."""
-        key = (kind, hex_)
-        path = self._path(kind, hex_)
+    def _open_entry(self, key, path: str) -> int | None:
+        """A read-only fd on an entry's file, or None (a miss) if it is gone."""
         try:
             # O_NOFOLLOW: only regular files we renamed into place, never a planted symlink.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             self._forget(key, miss=True)
             return None
         except OSError as exc:
             raise CacheError(f"cannot open {path}: {exc}") from exc
+
+    def _read(self, kind: str, hex_: str,
+              check: Callable[[bytes], bytes | None]) -> bytes | None:
+        """Read a file and run check(raw) → payload or None (corrupt: delete, count a miss)."""
+        key = (kind, hex_)
+        path = self._path(kind, hex_)
+        fd = self._open_entry(key, path)
+        if fd is None:
+            return None
         try:
             with open(fd, "rb") as f:
                 raw = f.read()
