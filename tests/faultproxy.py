@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import urlsplit
 
+from tests.servers import ThreadedHttpServer
+
 _RELAYED_HEADERS = ("Content-Type", "Content-Range", "Content-Encoding", "Location",
                     "Retry-After", "Accept-Ranges", "Last-Modified", "ETag")
 KINDS = ("reset", "delay", "status", "ignore_range", "truncate", "corrupt", "no_multirange",
@@ -52,7 +54,7 @@ class Fault:
     match: Callable[[str, str, dict], bool] | None = None
 
 
-class FaultProxy:
+class FaultProxy(ThreadedHttpServer):
     def __init__(self, upstream_url: str):
         parts = urlsplit(upstream_url)
         self.upstream = (parts.hostname, parts.port or 80)
@@ -74,24 +76,7 @@ class FaultProxy:
             def log_message(self, *args):
                 pass
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        # Clients and our own resets close connections mid-answer: not errors here.
-        self._server.handle_error = lambda request, address: None
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "FaultProxy":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._listen(Handler)
 
     def inject(self, kind: str, *, times: int | None = None, **params) -> None:
         if kind not in KINDS:

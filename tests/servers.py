@@ -256,7 +256,32 @@ class PyRequest:
     headers: dict[str, str]
 
 
-class PyHttpServer:
+class ThreadedHttpServer:
+    """An http.server on 127.0.0.1 in a background thread; subclasses give it a handler."""
+
+    def _listen(self, handler_class) -> None:
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler_class)
+        self._server.daemon_threads = True
+        # Clients that give up on a bad reply (as they should) and injected resets close
+        # connections mid-body: not an error here.
+        self._server.handle_error = lambda request, address: None
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+class PyHttpServer(ThreadedHttpServer):
     """http.server in a thread serving files from `root_dir`, correctly by default.
 
     Subclasses override `send_range` or `send_head` to misbehave. Received requests are kept in
@@ -280,24 +305,7 @@ class PyHttpServer:
             def log_message(self, *args) -> None:
                 pass  # quiet: tests assert on .received
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        # Clients that give up on a bad reply (as they should) close mid-body; not an error here.
-        self._server.handle_error = lambda request, address: None
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> "PyHttpServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
+        self._listen(Handler)
 
     def _handle(self, handler: http.server.BaseHTTPRequestHandler, head: bool) -> None:
         self.received.append(PyRequest(handler.command, handler.path, dict(handler.headers)))
