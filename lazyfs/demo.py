@@ -147,6 +147,7 @@ def run(workdir: str | None) -> int:
 
 def _mount_and_run(url: str, root: Path) -> dict:
     from lazyfs import stats
+    from lazyfs.fetchoptions import FetchOptions
     from lazyfs.mount import MountOptions, mount, umount
     from lazyfs.run import exit_status, start_in_image
 
@@ -156,7 +157,10 @@ def _mount_and_run(url: str, root: Path) -> dict:
     how = "lazyfs run (overlay + chroot)" if as_root else "straight from the mount (not root)"
     print(f"4. mounting it lazily and running /app/hello.sh, {how}:")
     started = time.perf_counter()
-    code = mount(url, str(mountpoint), MountOptions(cache_dir=str(root / "cache")), quiet=True)
+    # No background fetch here: it would make the whole image local within a second, and the
+    # point of the figures is what starting the program alone had to fetch.
+    options = MountOptions(cache_dir=str(root / "cache"), fetch=FetchOptions(background_fetch=False))
+    code = mount(url, str(mountpoint), options, quiet=True)
     if code != 0:
         raise SystemExit(code)
     scratch = None
