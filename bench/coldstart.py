@@ -87,6 +87,7 @@ for _path in (str(REPO), str(BENCH)):
 
 import coldstart_images as images  # noqa: E402
 import netem  # noqa: E402
+from lazyfs.container import resolve_in_root  # noqa: E402
 
 DEFAULT_CACHE = "/var/cache/lazyfs-bench"
 NGINX = "/usr/sbin/nginx"
@@ -710,32 +711,6 @@ def parse_strace(text: str) -> list[str]:
     return paths
 
 
-def resolve_in_root(root: str, path: str) -> str | None:
-    """`path` as the chrooted program saw it, symlinks followed inside `root` (never out of
-    it); None for a loop."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    resolved: list[str] = []
-    links = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        host_path = os.path.join(root, *resolved, part)
-        if os.path.islink(host_path):
-            links += 1
-            if links > 40:
-                return None
-            target = os.readlink(host_path)
-            if target.startswith("/"):
-                resolved = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        resolved.append(part)
-    return "/" + "/".join(resolved)
-
-
 def opened_files(image: images.BuiltImage, scratch: Path) -> list[str]:
     """The image's regular files the workload opens, found with strace in the local rootfs."""
     trace = scratch / f"strace-{image.spec.name}.txt"
@@ -748,10 +723,12 @@ def opened_files(image: images.BuiltImage, scratch: Path) -> list[str]:
         raise RuntimeError(f"the traced workload failed: {result.stderr[-500:]}")
     seen: dict[str, None] = {}
     for path in parse_strace(trace.read_text(errors="replace")):
-        real = resolve_in_root(image.rootfs, path)
-        if real and os.path.isfile(os.path.join(image.rootfs, real.lstrip("/"))) \
-                and not os.path.islink(os.path.join(image.rootfs, real.lstrip("/"))):
-            seen.setdefault(real, None)
+        try:
+            host_path = resolve_in_root(image.rootfs, path)
+        except OSError:  # a symlink loop: nothing was opened there
+            continue
+        if os.path.isfile(host_path) and not os.path.islink(host_path):
+            seen.setdefault("/" + os.path.relpath(host_path, image.rootfs), None)
     return list(seen)
 
 

@@ -114,12 +114,7 @@ def _build_parser() -> argparse.ArgumentParser:
     # Not dest "command": that names the subcommand, which error messages print.
     run.add_argument("program", nargs=argparse.REMAINDER, metavar="-- CMD ARGS...",
                      help="the program to run (default: the image's Entrypoint + Cmd)")
-    run.add_argument("--runtime", choices=("chroot", "crun"), default="chroot",
-                     help="chroot (default) or crun: an OCI container run by crun "
-                          "(apt-get install crun)")
-    run.add_argument("--network", choices=("host", "none"), default="host",
-                     help="host (default): share the host's network; none: a private network "
-                          "namespace with only loopback")
+    _add_runtime_options(run)
     _add_mount_options(run)
     run.set_defaults(run=_cmd_run)
 
@@ -244,11 +239,18 @@ def _add_record_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-files", type=_positive_int, default=DEFAULT_LIMIT, metavar="N",
                         help=f"record at most N files (default {DEFAULT_LIMIT:,}); the daemon's "
                              "memory for the recording is bounded by it and by the image's size")
-    parser.add_argument("--runtime", choices=("chroot", "crun"), default="chroot",
-                        help="as for `lazyfs run`: chroot (default) or crun")
-    parser.add_argument("--network", choices=("host", "none"), default="host",
-                        help="as for `lazyfs run`: host (default) or none")
+    _add_runtime_options(parser)
     _add_mount_options(parser)
+
+
+def _add_runtime_options(parser: argparse.ArgumentParser) -> None:
+    """How `run` and `record` start the program."""
+    parser.add_argument("--runtime", choices=("chroot", "crun"), default="chroot",
+                        help="chroot (default) or crun: an OCI container run by crun "
+                             "(apt-get install crun)")
+    parser.add_argument("--network", choices=("host", "none"), default="host",
+                        help="host (default): share the host's network; none: a private "
+                             "network namespace with only loopback")
 
 
 def _record_command(args) -> list[str]:
