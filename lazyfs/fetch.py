@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 
 import trio
 
-from lazyfs.errors import CacheError, FetchError, LazyfsError, VerificationError
+from lazyfs.errors import CacheError, FetchError, FormatError, LazyfsError, VerificationError
 from lazyfs.fetchoptions import FetchOptions
 from lazyfs.format.toc import Chunk
 from lazyfs.priority import DemandGauge, Priority, PriorityLimiter
@@ -503,6 +503,13 @@ class ChunkFetcher:
                 raise VerificationError(f"{layer.spec.label}: chunk at blob offset "
                                         f"{chunk.blob_offset} has no digest in the TOC")
             return data
+        except VerificationError as exc:
+            return exc
+        except FormatError as exc:
+            # The codec's message ("corrupt gzip member") does not say where: add it, so that
+            # stats' last error points at the chunk.
+            return FormatError(f"{layer.spec.label}: chunk at blob offset {chunk.blob_offset}: "
+                               f"{exc}")
         except LazyfsError as exc:
             return exc
 

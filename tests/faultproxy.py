@@ -7,18 +7,31 @@
         proxy.clear()                                # the fault clears
 
 Faults (one active at a time, for `times` requests or until cleared, optionally only for
-requests that `match(method, path, headers)` accepts):
+requests that `match(method, path, headers)` accepts, and with `every=N` only for every Nth
+such request, to sprinkle a fault over a long run):
 
     reset         close the client connection with a TCP reset, no answer
     delay         wait `seconds`, then forward normally
     status        answer `status` (default 503) without asking the server
     ignore_range  forward without the Range header: 200 with the whole body
     truncate      forward, send the right headers and half the body, then cut the connection
+    stall         forward, send the right headers and the first `fraction` (default half) of
+                  the body, then go silent with the connection open for `seconds` (default 30,
+                  or until the proxy stops): only the client's read timeout ends the wait
     corrupt       forward, with one byte of the body (the middle one) flipped
+    flip          forward, with `count` bytes (default 3) flipped at evenly spaced positions of
+                  the data: of the body, or of each part's data in a multipart answer (the
+                  framing stays intact, so the client believes the parts and must check them)
+    wrong_range   forward with every range of the Range header moved `shift` bytes (default 1)
+                  later: a 206 whose Content-Range names other bytes than those asked for;
+                  with `lie=True` (single ranges) the Content-Range is rewritten to the asked-for
+                  range, so only the bytes are wrong
     no_multirange a request for several ranges gets 200 with the whole body (as S3 does);
                   single ranges are forwarded
     bad_multipart a request for several ranges gets the server's multipart answer with its
                   boundary mangled after the first part
+    truncate_multipart  a request for several ranges gets the server's multipart answer cut
+                  (clean FIN, full Content-Length announced) in the middle of its second part
 
 Bodies are read whole from the server before anything is sent on (test blobs are small), so a
 fault is applied to exactly the bytes the server sent. Every request the proxy saw is in
@@ -29,6 +42,7 @@ from __future__ import annotations
 
 import http.client
 import http.server
+import re
 import socket
 import struct
 import threading
@@ -41,8 +55,11 @@ from tests.servers import ThreadedHttpServer
 
 _RELAYED_HEADERS = ("Content-Type", "Content-Range", "Content-Encoding", "Location",
                     "Retry-After", "Accept-Ranges", "Last-Modified", "ETag")
-KINDS = ("reset", "delay", "status", "ignore_range", "truncate", "corrupt", "no_multirange",
-         "bad_multipart")
+KINDS = ("reset", "delay", "status", "ignore_range", "truncate", "stall", "corrupt", "flip",
+         "wrong_range", "no_multirange", "bad_multipart", "truncate_multipart")
+# Faults that only apply to requests for several ranges.
+_MULTI_RANGE_KINDS = ("no_multirange", "bad_multipart", "truncate_multipart")
+_RANGE_SPEC = re.compile(r"(\d+)-(\d+)")
 
 
 @dataclass
@@ -50,8 +67,14 @@ class Fault:
     kind: str
     times: int | None = None  # None: until cleared
     status: int = 503
-    seconds: float = 0.0
+    seconds: float | None = None  # delay: the wait; stall: the silence (None: 30 s)
     match: Callable[[str, str, dict], bool] | None = None
+    every: int = 1  # apply to every Nth matching request only
+    fraction: float = 0.5  # stall: the part of the body sent before the silence
+    count: int = 3  # flip: bytes flipped (per part in a multipart answer)
+    shift: int = 1  # wrong_range: how far each range moves
+    lie: bool = False  # wrong_range: claim the asked-for Content-Range anyway
+    matched: int = 0  # matching requests seen, for `every`
 
 
 class FaultProxy(ThreadedHttpServer):
@@ -62,6 +85,7 @@ class FaultProxy(ThreadedHttpServer):
         self.faults_applied = 0
         self._fault: Fault | None = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # ends the silence of stalled answers
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -88,6 +112,16 @@ class FaultProxy(ThreadedHttpServer):
         with self._lock:
             self._fault = None
 
+    @property
+    def active(self) -> str | None:
+        """The kind of the fault in force, None once cleared or used up."""
+        with self._lock:
+            return self._fault.kind if self._fault else None
+
+    def __exit__(self, *exc) -> None:
+        self._stopping.set()
+        super().__exit__(*exc)
+
     def _take_fault(self, method: str, path: str, headers: dict) -> Fault | None:
         with self._lock:
             fault = self._fault
@@ -96,7 +130,10 @@ class FaultProxy(ThreadedHttpServer):
             if fault.match is not None and not fault.match(method, path, headers):
                 return None
             multi_range = "," in headers.get("Range", "")
-            if fault.kind in ("no_multirange", "bad_multipart") and not multi_range:
+            if fault.kind in _MULTI_RANGE_KINDS and not multi_range:
+                return None
+            fault.matched += 1
+            if (fault.matched - 1) % fault.every:
                 return None
             if fault.times is not None:
                 fault.times -= 1
@@ -121,13 +158,28 @@ class FaultProxy(ThreadedHttpServer):
                   method == "HEAD")
             return
         if kind == "delay":
-            time.sleep(fault.seconds)
+            time.sleep(fault.seconds or 0.0)
         if kind in ("ignore_range", "no_multirange"):
             headers.pop("Range", None)
+        asked_range = headers.get("Range", "")
+        if kind == "wrong_range" and asked_range:
+            headers["Range"] = _RANGE_SPEC.sub(
+                lambda m: f"{int(m[1]) + fault.shift}-{int(m[2]) + fault.shift}", asked_range)
         status, reply_headers, body = self._forward(method, path, headers)
+        if kind == "wrong_range" and fault.lie and status == 206 and "," not in asked_range:
+            total = reply_headers.get("Content-Range", "").rpartition("/")[2]
+            reply_headers["Content-Range"] = f"bytes {asked_range.removeprefix('bytes=')}/{total}"
         if kind == "corrupt" and body:
             middle = len(body) // 2
             body = body[:middle] + bytes([body[middle] ^ 0xFF]) + body[middle + 1:]
+        if kind == "flip" and body:
+            body = _flip(body, _data_spans(body, reply_headers), fault.count)
+        if kind == "truncate_multipart":
+            spans = _data_spans(body, reply_headers)
+            if len(spans) >= 2:
+                start, end = spans[1]
+                _send_cut(handler, status, reply_headers, body, (start + end) // 2, method)
+                return
         if kind == "bad_multipart":
             boundary = reply_headers.get("Content-Type", "").partition("boundary=")[2].encode()
             if boundary:
@@ -136,14 +188,14 @@ class FaultProxy(ThreadedHttpServer):
                 if second >= 0:
                     body = body[:second] + b"X" * len(boundary) + body[second + len(boundary):]
         if kind == "truncate":
-            _send(handler, status, reply_headers, body[:len(body) // 2], method == "HEAD",
-                  content_length=len(body))
-            # A clean end (FIN) after half the promised body: the client sees a short body.
+            _send_cut(handler, status, reply_headers, body, len(body) // 2, method)
+            return
+        if kind == "stall" and method != "HEAD":
+            cut = int(len(body) * fault.fraction)
+            _send(handler, status, reply_headers, body[:cut], False, content_length=len(body))
+            # Silent, with the connection open: no FIN, no RST, until the time is up.
+            self._stopping.wait(30 if fault.seconds is None else fault.seconds)
             handler.close_connection = True
-            try:
-                handler.connection.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
             return
         _send(handler, status, reply_headers, body, method == "HEAD")
 
@@ -179,6 +231,52 @@ def _send(handler, status: int, headers: dict, body: bytes, head: bool,
     if not head:
         handler.wfile.write(body)
     handler.wfile.flush()
+
+
+def _send_cut(handler, status: int, headers: dict, body: bytes, cut: int, method: str) -> None:
+    """The right headers (and Content-Length), the body's first `cut` bytes, then a clean end
+    (FIN): the client sees a short body."""
+    _send(handler, status, headers, body[:cut], method == "HEAD", content_length=len(body))
+    handler.close_connection = True
+    try:
+        handler.connection.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _data_spans(body: bytes, headers: dict) -> list[tuple[int, int]]:
+    """[start, end) of the data in a body: the whole body, or each part's data (between its
+    header block and the next delimiter) in a multipart/byteranges answer."""
+    content_type = headers.get("Content-Type", "")
+    boundary = content_type.partition("boundary=")[2].strip('"').encode()
+    if not content_type.startswith("multipart/") or not boundary:
+        return [(0, len(body))]
+    delimiter = b"\r\n--" + boundary
+    spans = []
+    at = body.find(b"--" + boundary)
+    while at >= 0:
+        headers_end = body.find(b"\r\n\r\n", at)
+        if headers_end < 0:
+            break
+        start = headers_end + 4
+        end = body.find(delimiter, start)
+        if end < 0:
+            break
+        spans.append((start, end))
+        at = end + 2
+        if body.startswith(b"--", at + 2 + len(boundary)):
+            break  # the final delimiter
+    return spans
+
+
+def _flip(body: bytes, spans: list[tuple[int, int]], count: int) -> bytes:
+    """`body` with `count` bytes of each span inverted, evenly spaced (never a span's first or
+    last byte)."""
+    out = bytearray(body)
+    for start, end in spans:
+        for i in range(1, count + 1):
+            out[start + (end - start) * i // (count + 1)] ^= 0xFF
+    return bytes(out)
 
 
 def _reset(handler) -> None:

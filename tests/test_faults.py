@@ -11,14 +11,19 @@ clears.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -30,7 +35,7 @@ from lazyfs.oci_layout import open_image
 from lazyfs.prefetch import prioritized_chunks
 from tests.faultproxy import FaultProxy
 from tests.imagebuild import write_layout
-from tests.mounting import mounted, require_fuse
+from tests.mounting import lazyfs_cmd, mounted, require_fuse
 from tests.tarbuild import dir_, file_
 
 KiB = 1024
@@ -77,6 +82,12 @@ def any_format_layout(request, tmp_path_factory):
 def estargz_layout(tmp_path_factory):
     """The image as eStargz only: faults are about HTTP, not the format."""
     return _build_layout(tmp_path_factory.mktemp("faults-image"), "estargz")
+
+
+@pytest.fixture(scope="module")
+def zstd_layout(tmp_path_factory):
+    """The image as zstd:chunked, for the faults whose outcome depends on the codec."""
+    return _build_layout(tmp_path_factory.mktemp("faults-image"), "zstd:chunked")
 
 
 def _publish(layout, nginx):
@@ -265,6 +276,214 @@ def test_background_fetch_makes_the_image_local(published, nginx, tmp_path):
 
 
 # --- faults ------------------------------------------------------------------------------------
+#
+# One test shape for every fault (test_every_fault_keeps_the_four_promises): mount through the
+# proxy, read two files while all is well, inject the fault, run the same workload of reads,
+# then check the four promises:
+#   1. every read returns the right bytes or EIO, never other bytes;
+#   2. the daemon lives: it still serves the files it had, `lazyfs stats` answers, and for a
+#      fault that caused an EIO, stats' last error names the cause;
+#   3. nothing unverified entered the cache: every chunk file hashes to its name (a chunk digest
+#      of this image), every TOC record to the checksum in front of it, and no temp file is left;
+#   4. once the fault clears, every file reads right.
+
+# Two files read before the fault: during it, they must still be served (from the cache).
+WARM = ("app/start.py", "data/small.txt")
+# The workload under the fault, as (path, offset, size): chunk 1 of a.bin alone first, then,
+# at once, the first 3 chunks of a.bin (chunks 0 and 2 are missing with chunk 1 between them:
+# a multi-range request), all of b.bin (one merged range) and a few bytes in app/lib.bin.
+FIRST_READ = ("data/a.bin", CHUNK + 1000, 10)
+THEN_READS = (("data/a.bin", 0, 3 * CHUNK), ("data/b.bin", 0, 3 * CHUNK),
+              ("app/lib.bin", 300 * KiB, 5000))
+RIGHT, EIO = "right bytes", "EIO"
+# For the faults that wait for the read timeout: each failing read costs 3 of them.
+SHORT_TIMEOUT = ("--timeout", "0.5")
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    name: str
+    kind: str
+    params: dict = field(default_factory=dict)
+    # What the reads see: EIO for some of them, or only RIGHT (retries or a fallback absorb it).
+    outcome: str = EIO
+    # A regular expression that stats' last error must match when a read got EIO.
+    cause: str = ""
+    # Further checks of the layer's stats after the faulty run, or None.
+    check: Callable[[dict], bool] | None = None
+    # The fault ends by itself (a burst): it must be used up before the test clears it.
+    ends_by_itself: bool = False
+    # Mount options (after FAST_FAILURE, so they win).
+    mount_args: tuple[str, ...] = ()
+    layout: str = "estargz_layout"  # the fixture with the image in the format to test
+
+
+def multi_range_reads(method, path, headers) -> bool:
+    return blob_reads(method, path, headers) and "," in headers.get("Range", "")
+
+
+FAULT_CASES = [
+    FaultCase("reset", "reset", cause=r"GET failed: .*(reset|closed|aborted)|connection lost"),
+    FaultCase("reset-twice", "reset", {"times": 2}, outcome=RIGHT,
+              check=lambda layer: layer["retries"] >= 2),
+    FaultCase("delay-below-timeout", "delay", {"seconds": 0.3}, outcome=RIGHT,
+              check=lambda layer: layer["retries"] == 0),
+    FaultCase("delay-past-timeout", "delay", {"seconds": 1.5},
+              cause=r"GET timed out after .*gave up after 3 attempts",
+              mount_args=SHORT_TIMEOUT),
+    # Headers and half the body, then silence: the read timeout fires mid-body.
+    FaultCase("stall", "stall", {"seconds": 30},
+              cause=r"connection lost after \d+ bytes of the body: timed out waiting for more "
+                    r"bytes \(gave up after 3 attempts\)", mount_args=SHORT_TIMEOUT),
+    FaultCase("truncate", "truncate", cause=r"(ended after|connection lost).*gave up after 3"),
+    FaultCase("5xx", "status", {"status": 500}, cause=r"HTTP 500.*gave up after 3 attempts"),
+    # 6 answers of 503: more than the 3 attempts of one read, then the server is back.
+    FaultCase("5xx-burst", "status", {"status": 503, "times": 6},
+              cause=r"HTTP 503.*gave up after 3 attempts", ends_by_itself=True),
+    FaultCase("ignore-range", "ignore_range", cause=r"RangeNotSupported: .*ignored the Range",
+              check=lambda layer: layer["retries"] == 0),
+    FaultCase("wrong-content-range", "wrong_range",
+              cause=r"RangeNotSupported: .*server answered Content-Range"),
+    FaultCase("lying-content-range", "wrong_range", {"lie": True},
+              cause=r"VerificationError|FormatError"),
+    FaultCase("flip-one-byte", "corrupt", cause=r"VerificationError|FormatError"),
+    FaultCase("flip-several-bytes", "flip", {"count": 5}, cause=r"VerificationError|FormatError"),
+    # The zstd codec decodes a bounded prefix and may stop before a frame's own checksum:
+    # whatever the codec lets through, the chunk digest must refuse.
+    FaultCase("flip-several-bytes-zstd", "flip", {"count": 5},
+              cause=r"VerificationError|FormatError", layout="zstd_layout"),
+    # The multipart framing is intact: the parts are believed, and each must fail its check.
+    FaultCase("flip-in-multipart", "flip", {"count": 3, "match": multi_range_reads},
+              cause=r"VerificationError|FormatError",
+              check=lambda layer: layer["multi_range"] is True),
+    # Cut in the middle of the second part: the first part is kept, the rest retried.
+    FaultCase("truncate-multipart", "truncate_multipart", outcome=RIGHT,
+              check=lambda layer: layer["retries"] >= 1),
+    FaultCase("no-multirange", "no_multirange", outcome=RIGHT,
+              check=lambda layer: layer["multi_range"] is False),
+    FaultCase("bad-multipart", "bad_multipart", outcome=RIGHT,
+              check=lambda layer: layer["multi_range"] is False),
+]
+
+
+@pytest.mark.parametrize("case", FAULT_CASES, ids=lambda case: case.name)
+def test_every_fault_keeps_the_four_promises(case, request, nginx, tmp_path):
+    _, entries, _ = _publish(request.getfixturevalue(case.layout), nginx)
+    cache_dir = tmp_path / "cache"
+    mount_dir = tmp_path / "mnt"
+    with FaultProxy(nginx.url) as proxy, \
+            mounted(f"{proxy.url}/layout:{TAG}", mount_dir, "--no-background-fetch",
+                    "--no-prefetch", *FAST_FAILURE, *case.mount_args,
+                    cache_dir=cache_dir) as daemon:
+        for path in WARM:
+            assert read_all(mount_dir, path) == FILES[path]
+        params = {"match": blob_reads, **case.params}
+        proxy.inject(case.kind, **params)
+
+        outcomes = run_workload(mount_dir)  # promise 1 is checked read by read
+        assert proxy.faults_applied >= 1, "the fault never applied: the test proves nothing"
+        if case.outcome == RIGHT:
+            assert set(outcomes) == {RIGHT}, outcomes
+        else:
+            assert EIO in outcomes, outcomes
+
+        # 2. The daemon lives, serves what it has, and says what went wrong.
+        assert daemon.poll() is None
+        for path in WARM:
+            forget_pages(mount_dir / path)
+            assert direct_read(mount_dir, path, 0, len(FILES[path])) == FILES[path]
+        [layer] = lazyfs_stats(mount_dir)["layers"]
+
+        if EIO in outcomes:
+            assert re.search(case.cause, layer["last_error"]), layer["last_error"]
+        if case.check is not None:
+            assert case.check(layer), layer
+
+        # 3. Only verified chunks (of this image) in the cache, no temp files.
+        assert_cache_holds_only_verified(cache_dir, entries)
+
+        # 4. Once the fault is over, everything reads right.
+        if case.ends_by_itself:
+            assert proxy.active is None
+        proxy.clear()
+        for path, data in FILES.items():
+            forget_pages(mount_dir / path)
+            assert read_all(mount_dir, path) == data
+        assert daemon.poll() is None
+
+
+def run_workload(mount_dir: Path) -> list[str]:
+    """The outcome of each read of the workload (RIGHT or EIO); any other outcome fails the
+    test at once. The reads after the first run at once, as a program's threads would."""
+    outcomes = [checked_read(mount_dir, *FIRST_READ)]
+    with concurrent.futures.ThreadPoolExecutor(len(THEN_READS)) as pool:
+        outcomes += pool.map(lambda read: checked_read(mount_dir, *read), THEN_READS)
+    return outcomes
+
+
+def checked_read(mount_dir: Path, path: str, offset: int, size: int) -> str:
+    try:
+        data = direct_read(mount_dir, path, offset, size)
+    except OSError as exc:
+        assert exc.errno == errno.EIO, exc
+        return EIO
+    assert data == FILES[path][offset:offset + size], f"wrong bytes from {path} at {offset}"
+    return RIGHT
+
+
+def direct_read(mount_dir: Path, path: str, offset: int, size: int) -> bytes:
+    """Like pread(), with O_DIRECT: each read(2) goes to the daemon (no page cache, and no
+    second try of a failed read by the kernel's readahead), so a slow fault costs one read."""
+    fd = os.open(mount_dir / path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        out = b""
+        while len(out) < size:
+            part = os.pread(fd, size - len(out), offset + len(out))
+            if not part:
+                break
+            out += part
+        return out
+    finally:
+        os.close(fd)
+
+
+def forget_pages(path: Path) -> None:
+    """Drop the kernel's cached pages of one file: its next read goes to the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def lazyfs_stats(mount_dir: Path) -> dict:
+    """`lazyfs stats --json`, run as a user would."""
+    done = subprocess.run(lazyfs_cmd("stats", "--json", mount_dir), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def assert_cache_holds_only_verified(cache_dir: Path, entries: dict, timeout_s: float = 10):
+    """Every chunk file is a chunk of the image whose digest is its name and whose bytes hash
+    to it; every TOC record matches the checksum in front of it; no temp file is left (waiting
+    a little: a readahead chunk may still be on its way in)."""
+    digests = {chunk.digest.split(":")[1] for item in entries.values() for chunk in item.chunks}
+    for chunk_file in (cache_dir / "chunks").rglob("*"):
+        if chunk_file.is_file():
+            assert chunk_file.name in digests, chunk_file
+            assert hashlib.sha256(chunk_file.read_bytes()).hexdigest() == chunk_file.name
+    for toc_file in (cache_dir / "tocs").rglob("*"):
+        if toc_file.is_file():
+            raw = toc_file.read_bytes()
+            assert hashlib.sha256(raw[32:]).digest() == raw[:32], toc_file
+    deadline = time.monotonic() + timeout_s
+    while left := list((cache_dir / "tmp").iterdir()):
+        assert time.monotonic() < deadline, f"temp files left in the cache: {left}"
+        time.sleep(0.05)
+
+
+# --- what a fault does to the fetch engine, beyond the promises --------------------------------
 
 @pytest.fixture
 def proxied(published_estargz, nginx, tmp_path):
@@ -279,90 +498,6 @@ def proxied(published_estargz, nginx, tmp_path):
 
 def blob_reads(method, path, headers) -> bool:
     return "/blobs/" in path and "Range" in headers
-
-
-def test_connection_resets_are_retried(proxied):
-    proxy, mount_dir = proxied
-    proxy.inject("reset", times=2, match=blob_reads)
-    assert read_all(mount_dir, "data/a.bin") == FILES["data/a.bin"]
-    assert proxy.faults_applied == 2
-    assert stats(mount_dir)["retries"] >= 2
-
-
-def test_5xx_is_retried_then_eio_then_recovers(proxied):
-    proxy, mount_dir = proxied
-    proxy.inject("status", status=503, times=2, match=blob_reads)
-    assert read_all(mount_dir, "data/b.bin") == FILES["data/b.bin"]
-    proxy.inject("status", status=503, match=blob_reads)
-    assert_eio(mount_dir, "data/a.bin")
-    layer = stats(mount_dir)
-    assert "HTTP 503" in layer["last_error"] and "gave up after 3 attempts" in layer["last_error"]
-    proxy.clear()
-    assert read_all(mount_dir, "data/a.bin") == FILES["data/a.bin"]
-
-
-def test_a_server_ignoring_range_is_a_clear_eio_without_retries(proxied):
-    proxy, mount_dir = proxied
-    proxy.inject("ignore_range", match=blob_reads)
-    assert_eio(mount_dir, "data/small.txt")
-    layer = stats(mount_dir)
-    assert "RangeNotSupported" in layer["last_error"]
-    assert "ignored the Range header" in layer["last_error"]
-    assert layer["retries"] == 0
-    proxy.clear()
-    assert read_all(mount_dir, "data/small.txt") == FILES["data/small.txt"]
-
-
-def test_truncated_bodies_are_retried_then_eio_then_recover(proxied):
-    proxy, mount_dir = proxied
-    proxy.inject("truncate", times=1, match=blob_reads)
-    assert read_all(mount_dir, "data/b.bin") == FILES["data/b.bin"]
-    # For good now: a read of one chunk fails after the retries. (A sequential read may still
-    # get through: each answer's first half delivers the chunk it needs, and a retry asks only
-    # for what is still missing.)
-    proxy.inject("truncate", match=blob_reads)
-    with pytest.raises(OSError) as info:
-        pread(mount_dir, "data/a.bin", 5 * CHUNK + 100, 10)
-    assert info.value.errno == errno.EIO
-    assert "gave up after 3 attempts" in stats(mount_dir)["last_error"]
-    proxy.clear()
-    assert read_all(mount_dir, "data/a.bin") == FILES["data/a.bin"]
-
-
-def test_wrong_bytes_are_never_served_nor_cached(proxied, tmp_path):
-    proxy, mount_dir = proxied
-    proxy.inject("corrupt", match=blob_reads)
-    for path in ("data/a.bin", "data/b.bin", "app/lib.bin"):
-        try:
-            data = read_all(mount_dir, path)
-        except OSError as exc:
-            assert exc.errno == errno.EIO
-        else:  # a flipped byte in a gap between members would be harmless: still exact
-            assert data == FILES[path]
-    layer = stats(mount_dir)
-    assert "VerificationError" in layer["last_error"] or "FormatError" in layer["last_error"]
-    # Whatever reached the disk cache is what its name (the chunk digest) says.
-    for chunk_file in (tmp_path / "cache" / "chunks").rglob("*"):
-        if chunk_file.is_file():
-            assert hashlib.sha256(chunk_file.read_bytes()).hexdigest() == chunk_file.name
-    proxy.clear()
-    for path in ("data/a.bin", "data/b.bin", "app/lib.bin"):
-        assert read_all(mount_dir, path) == FILES[path]
-
-
-def test_delays_below_the_timeout_are_fine_and_above_it_eio(proxied):
-    proxy, mount_dir = proxied
-    proxy.inject("delay", seconds=0.3, match=blob_reads)
-    assert read_all(mount_dir, "data/small.txt") == FILES["data/small.txt"]
-    proxy.inject("delay", seconds=2.5, match=blob_reads)
-    started = time.monotonic()
-    assert_eio(mount_dir, "data/b.bin")
-    # 3 attempts of a 1 s read timeout and at most 0.2 + 0.4 s of backoff (and the kernel's
-    # readahead may ask twice).
-    assert time.monotonic() - started < 10
-    assert "timed out" in stats(mount_dir)["last_error"]
-    proxy.clear()
-    assert read_all(mount_dir, "data/b.bin") == FILES["data/b.bin"]
 
 
 @pytest.mark.parametrize("fault", ["no_multirange", "bad_multipart"])

@@ -28,6 +28,7 @@ to the original URL once, which redirects to a fresh location.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
@@ -553,6 +554,16 @@ def _reason(exc: BaseException) -> str:
         if id(current) in seen:
             continue
         seen.add(id(current))
+        if isinstance(current, urllib3.exceptions.ReadTimeoutError) or (
+                isinstance(current, TimeoutError) and current.strerror is None):
+            # A stalled answer: the server sent part of it, then nothing for the read timeout.
+            # (A socket timeout has no strerror and urllib3's message quotes the URL, so say it
+            # here. Not urllib3's TimeoutError: NewConnectionError, a refused connection, is
+            # one; nor ETIMEDOUT, whose strerror says what it is.)
+            return "timed out waiting for more bytes"
+        if isinstance(current, http.client.IncompleteRead):
+            # A cut connection: its message (urllib3's ProtocolError) names no cause we can show.
+            return "the server closed the connection before the end of the body"
         if isinstance(current, OSError) and isinstance(current.strerror, str):
             return current.strerror
         todo.extend(cause for cause in (getattr(current, "reason", None), current.__cause__,
