@@ -4,6 +4,8 @@ unmounted. Skips cleanly where FUSE is not available."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +64,72 @@ def mounted(image, mountpoint: Path, *extra, cache_dir: Path, log: Path | None =
 
 def daemon_log(mountpoint: Path) -> str:
     return (mountpoint.parent / f"{mountpoint.name}.log").read_text(errors="replace")
+
+
+# --- reading through a mount, and checking what it left in its cache ---------------------------
+
+def direct_read(path: Path, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` (fewer at the end of the file) with O_DIRECT: each read(2) goes
+    to the daemon (no page cache, and no second try of a failed read by the kernel's
+    readahead). In a loop, as programs read; an error is the OSError of the read."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        out = b""
+        while len(out) < size:
+            part = os.pread(fd, size - len(out), offset + len(out))
+            if not part:
+                break
+            out += part
+        return out
+    finally:
+        os.close(fd)
+
+
+def forget_pages(path: Path) -> None:
+    """Drop the kernel's cached pages of one file: its next buffered read goes to the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def assert_cache_holds_only_verified(cache_dir: Path, chunk_digests: set[str], *,
+                                     temp_files_allowed: bool = False, timeout_s: float = 10):
+    """Every chunk file in a lazyfs cache directory is named by one of `chunk_digests`
+    ("sha256:..."), and its bytes hash to its name; every TOC record matches the checksum in
+    front of it; no temp file is left (waiting a little: a readahead chunk may still be on its
+    way in), unless `temp_files_allowed` (a killed daemon's, removed by a later open)."""
+    names = {digest.removeprefix("sha256:") for digest in chunk_digests}
+    for chunk_file in (cache_dir / "chunks").rglob("*"):
+        if chunk_file.is_file():
+            assert chunk_file.name in names, f"not a chunk of the image: {chunk_file}"
+            assert hashlib.sha256(chunk_file.read_bytes()).hexdigest() == chunk_file.name, \
+                f"unverified bytes in the cache: {chunk_file}"
+    for toc_file in (cache_dir / "tocs").rglob("*"):
+        if toc_file.is_file():
+            raw = toc_file.read_bytes()
+            # lazyfs.cache: 32 bytes sha256(record), then the record.
+            assert hashlib.sha256(raw[32:]).digest() == raw[:32], toc_file
+    if temp_files_allowed:
+        return
+    deadline = time.monotonic() + timeout_s
+    while left := list((cache_dir / "tmp").iterdir()):
+        assert time.monotonic() < deadline, f"temp files left in the cache: {left}"
+        time.sleep(0.05)
+
+
+def daemon_rss_bytes(pid: int) -> int:
+    """The resident set size of a process, from /proc/PID/status (VmRSS, in kB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def lazyfs_stats(mount_dir: Path) -> dict:
+    """`lazyfs stats --json MOUNT`, run as a user would."""
+    done = subprocess.run(lazyfs_cmd("stats", "--json", mount_dir), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +33,8 @@ from lazyfs.oci_layout import open_image
 from lazyfs.prefetch import prioritized_chunks
 from tests.faultproxy import FaultProxy
 from tests.imagebuild import write_layout
-from tests.mounting import lazyfs_cmd, mounted, require_fuse
+from tests.mounting import (assert_cache_holds_only_verified, direct_read, forget_pages,
+                            lazyfs_stats, mounted, require_fuse)
 from tests.tarbuild import dir_, file_
 
 KiB = 1024
@@ -105,6 +104,10 @@ def published(any_format_layout, nginx):
 @pytest.fixture
 def published_estargz(estargz_layout, nginx):
     return _publish(estargz_layout, nginx)
+
+
+def chunk_digests(entries: dict) -> set[str]:
+    return {chunk.digest for item in entries.values() for chunk in item.chunks}
 
 
 def blob_requests(nginx, blob_uri):
@@ -265,7 +268,7 @@ def test_background_fetch_makes_the_image_local(published, nginx, tmp_path):
         layer = wait_for(mount_dir, "background_done")
         assert layer["background_chunks_left"] == 0 and layer["errors"] == 0
         assert layer["background_bytes"] > 0
-        digests = {chunk.digest.split(":")[1] for item in entries.values() for chunk in item.chunks}
+        digests = {digest.split(":")[1] for digest in chunk_digests(entries)}
         cached = {path.name for path in (cache_dir / "chunks").rglob("*") if path.is_file()}
         assert digests <= cached
         nginx.clear_log()
@@ -391,7 +394,7 @@ def test_every_fault_keeps_the_four_promises(case, request, nginx, tmp_path):
         assert daemon.poll() is None
         for path in WARM:
             forget_pages(mount_dir / path)
-            assert direct_read(mount_dir, path, 0, len(FILES[path])) == FILES[path]
+            assert direct_read(mount_dir / path, 0, len(FILES[path])) == FILES[path]
         [layer] = lazyfs_stats(mount_dir)["layers"]
 
         if EIO in outcomes:
@@ -400,7 +403,7 @@ def test_every_fault_keeps_the_four_promises(case, request, nginx, tmp_path):
             assert case.check(layer), layer
 
         # 3. Only verified chunks (of this image) in the cache, no temp files.
-        assert_cache_holds_only_verified(cache_dir, entries)
+        assert_cache_holds_only_verified(cache_dir, chunk_digests(entries))
 
         # 4. Once the fault is over, everything reads right.
         if case.ends_by_itself:
@@ -423,7 +426,7 @@ def run_workload(mount_dir: Path) -> list[str]:
 
 def checked_read(mount_dir: Path, path: str, offset: int, size: int) -> str:
     try:
-        data = direct_read(mount_dir, path, offset, size)
+        data = direct_read(mount_dir / path, offset, size)
     except OSError as exc:
         assert exc.errno == errno.EIO, exc
         return EIO
@@ -431,56 +434,12 @@ def checked_read(mount_dir: Path, path: str, offset: int, size: int) -> str:
     return RIGHT
 
 
-def direct_read(mount_dir: Path, path: str, offset: int, size: int) -> bytes:
-    """Like pread(), with O_DIRECT: each read(2) goes to the daemon (no page cache, and no
-    second try of a failed read by the kernel's readahead), so a slow fault costs one read."""
-    fd = os.open(mount_dir / path, os.O_RDONLY | os.O_DIRECT)
-    try:
-        out = b""
-        while len(out) < size:
-            part = os.pread(fd, size - len(out), offset + len(out))
-            if not part:
-                break
-            out += part
-        return out
-    finally:
-        os.close(fd)
 
 
-def forget_pages(path: Path) -> None:
-    """Drop the kernel's cached pages of one file: its next read goes to the daemon."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
-def lazyfs_stats(mount_dir: Path) -> dict:
-    """`lazyfs stats --json`, run as a user would."""
-    done = subprocess.run(lazyfs_cmd("stats", "--json", mount_dir), capture_output=True,
-                          text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
 
 
-def assert_cache_holds_only_verified(cache_dir: Path, entries: dict, timeout_s: float = 10):
-    """Every chunk file is a chunk of the image whose digest is its name and whose bytes hash
-    to it; every TOC record matches the checksum in front of it; no temp file is left (waiting
-    a little: a readahead chunk may still be on its way in)."""
-    digests = {chunk.digest.split(":")[1] for item in entries.values() for chunk in item.chunks}
-    for chunk_file in (cache_dir / "chunks").rglob("*"):
-        if chunk_file.is_file():
-            assert chunk_file.name in digests, chunk_file
-            assert hashlib.sha256(chunk_file.read_bytes()).hexdigest() == chunk_file.name
-    for toc_file in (cache_dir / "tocs").rglob("*"):
-        if toc_file.is_file():
-            raw = toc_file.read_bytes()
-            assert hashlib.sha256(raw[32:]).digest() == raw[:32], toc_file
-    deadline = time.monotonic() + timeout_s
-    while left := list((cache_dir / "tmp").iterdir()):
-        assert time.monotonic() < deadline, f"temp files left in the cache: {left}"
-        time.sleep(0.05)
 
 
 # --- what a fault does to the fetch engine, beyond the promises --------------------------------
