@@ -214,6 +214,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="do not fetch the rest of the image in the background")
     parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
                         help="average cap of the background fetch, e.g. 5M (default: none)")
+    parser.add_argument("--memory-cache", type=_size, default=default.memory_bytes, metavar="SIZE",
+                        help="verified chunks the daemon keeps in memory, least recently used "
+                             "dropped (default 64M)")
 
 
 def _fetch_options(args):
@@ -227,7 +230,7 @@ def _fetch_options(args):
         read_timeout_s=args.timeout, connect_timeout_s=args.connect_timeout,
         merge_gap_bytes=args.merge_gap, prefetch=not args.no_prefetch,
         background_fetch=not args.no_background_fetch,
-        background_bytes_per_s=args.bandwidth_limit or None)
+        background_bytes_per_s=args.bandwidth_limit or None, memory_bytes=args.memory_cache)
 
 
 def _add_record_options(parser: argparse.ArgumentParser) -> None:
