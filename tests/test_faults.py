@@ -479,3 +479,60 @@ def test_servers_without_multi_range_get_single_ranges(proxied, fault):
     new_ranges = [header for _, path, header in proxy.seen[seen:] if "/blobs/" in path]
     assert len(new_ranges) == 3 and not any("," in header for header in new_ranges)
     assert proxy.faults_applied == 1
+
+
+@pytest.mark.parametrize("kind", ["flip", "stall"])
+def test_faults_during_the_prefetch_and_the_background_fetch(kind, published_estargz, nginx,
+                                                             tmp_path):
+    """The same promises for the fetches nobody waits on: the prefetch at mount (which the
+    reads of prioritized files wait for) and the background fetch. And an unmount while they
+    are stuck does not wait for them."""
+    _, entries, _ = published_estargz
+    cache_dir = tmp_path / "cache"
+    mount_dir = tmp_path / "mnt"
+    with FaultProxy(nginx.url) as proxy:
+        image = f"{proxy.url}/layout:{TAG}"
+        # A first mount that fetches nothing but the TOC, so that the second one finds it in
+        # the TOC cache: the fault then hits every blob request, and the mount still appears.
+        with mounted(image, mount_dir, "--no-prefetch", "--no-background-fetch",
+                     cache_dir=cache_dir):
+            pass
+        proxy.inject(kind, match=blob_reads)
+        with mounted(image, mount_dir, *FAST_FAILURE, *SHORT_TIMEOUT,
+                     cache_dir=cache_dir) as daemon:
+            # The reads of the prioritized files wait for the prefetch: right bytes or EIO.
+            outcomes = [checked_read(mount_dir, path, 0, len(FILES[path]))
+                        for path in PRIORITIZED]
+            assert EIO in outcomes
+            # The background fetch's first pass fails too (its requests are retried first); it
+            # is over when no request came for longer than a retry's wait (the next pass is
+            # 30 s away).
+            wait_for_quiet(proxy, mount_dir, quiet_s=1.5)
+            assert daemon.poll() is None
+            [layer] = lazyfs_stats(mount_dir)["layers"]
+            assert layer["errors"] >= 1
+            assert re.search(r"FormatError|timed out", layer["last_error"]), layer["last_error"]
+            assert_cache_holds_only_verified(cache_dir, chunk_digests(entries))
+            proxy.clear()
+            for path, data in FILES.items():
+                assert read_all(mount_dir, path) == data
+            started = time.monotonic()
+            if kind == "stall":  # a background request stuck in the silence at unmount
+                proxy.inject(kind, match=blob_reads)
+        assert time.monotonic() - started < 10
+
+
+def wait_for_quiet(proxy, mount_dir: Path, quiet_s: float, timeout_s: float = 30) -> None:
+    """Until the prefetch is done, the background fetch has started, and the proxy has seen
+    no request for `quiet_s`."""
+    deadline = time.monotonic() + timeout_s
+    seen, since = len(proxy.seen), time.monotonic()
+    while True:
+        layer = stats(mount_dir)
+        if len(proxy.seen) != seen:
+            seen, since = len(proxy.seen), time.monotonic()
+        elif (layer["prefetch_done"] and layer["background_chunks_left"] >= 0
+              and time.monotonic() - since >= quiet_s):
+            return
+        assert time.monotonic() < deadline, layer
+        time.sleep(0.05)
