@@ -358,6 +358,10 @@ FAULT_CASES = [
     FaultCase("flip-in-multipart", "flip", {"count": 3, "match": multi_range_reads},
               cause=r"VerificationError|FormatError",
               check=lambda layer: layer["multi_range"] is True),
+    # Silent after half of a multi-range answer: the parts that came in are kept, and the
+    # retry, for what is missing, is one range (not stalled).
+    FaultCase("stall-in-multipart", "stall", {"match": multi_range_reads}, outcome=RIGHT,
+              check=lambda layer: layer["retries"] >= 1, mount_args=SHORT_TIMEOUT),
     # Cut in the middle of the second part: the first part is kept, the rest retried.
     FaultCase("truncate-multipart", "truncate_multipart", outcome=RIGHT,
               check=lambda layer: layer["retries"] >= 1),
