@@ -75,11 +75,13 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="compression threads (default: every core); output is the same for any N")
     convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar (default: on a terminal, for multi-layer images)")
+    _add_source_options(convert)
     convert.set_defaults(run=_cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show layers, entries, chunks and sizes")
     inspect.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_source_options(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
     verify = commands.add_parser(
@@ -87,6 +89,7 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
     verify.add_argument("--toc-digest", metavar="DIGEST",
                         help="pin a lone blob's TOC digest (images pin it in the manifest)")
+    _add_source_options(verify)
     verify.set_defaults(run=_cmd_verify)
 
     mount = commands.add_parser(
@@ -186,9 +189,7 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                                             "else $XDG_CACHE_HOME/lazyfs)")
     parser.add_argument("--cache-size", type=_size, default="10G", metavar="SIZE",
                         help="cache bound, least recently used chunks evicted (default 10G)")
-    parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
-                        help="HTTP header sent with every request (repeatable)")
-    parser.add_argument("--ca-cert", help="CA bundle for https sources")
+    _add_source_options(parser)
     from lazyfs.fetchoptions import FetchOptions  # a light module: no trio, no HTTP
 
     default = FetchOptions()
@@ -214,6 +215,23 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="do not fetch the rest of the image in the background")
     parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
                         help="average cap of the background fetch, e.g. 5M (default: none)")
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """How to reach remote images: every command that reads one takes these."""
+    parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
+                        help="HTTP header sent with every request (repeatable)")
+    parser.add_argument("--ca-cert", help="CA bundle for https sources")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="S3-compatible endpoint for s3:// images (default: AWS, or "
+                             "$AWS_ENDPOINT_URL)")
+
+
+def _source_options(args):
+    from lazyfs.imageref import SourceOptions
+
+    return SourceOptions(headers=dict(args.header) or None, ca_cert=args.ca_cert,
+                         s3_endpoint=args.s3_endpoint)
 
 
 def _fetch_options(args):
@@ -277,7 +295,8 @@ def _mount_options(args):
                         cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                         foreground=getattr(args, "foreground", False),
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
-                        ca_cert=args.ca_cert, fetch=_fetch_options(args))
+                        ca_cert=args.ca_cert, s3_endpoint=args.s3_endpoint,
+                        fetch=_fetch_options(args))
 
 
 def _cmd_mount(args) -> int:
@@ -360,7 +379,8 @@ def _cmd_convert(args) -> int:
     from converter.image import convert_image
 
     image = convert_image(args.source, args.destination, archive=args.archive,
-                          options=_image_options(options), progress=args.progress)
+                          options=_image_options(options), progress=args.progress,
+                          sources=_source_options(args))
     print(f"wrote {args.destination}: {len(image.layers)} eStargz layers, manifest "
           f"{image.manifest_digest}" + (f", tag {image.tag}" if image.tag else ""), file=sys.stderr)
     print(image.manifest_digest)
@@ -382,13 +402,14 @@ def _image_options(options):
 def _cmd_inspect(args) -> int:
     from lazyfs import inspect
 
-    return _show(inspect.inspect_target(args.target), args.json, inspect.print_report)
+    return _show(inspect.inspect_target(args.target, _source_options(args)), args.json,
+                 inspect.print_report)
 
 
 def _cmd_verify(args) -> int:
     from lazyfs import inspect
 
-    for line in inspect.verify_target(args.target, args.toc_digest):
+    for line in inspect.verify_target(args.target, args.toc_digest, _source_options(args)):
         print(line)
     return 0
 

@@ -38,10 +38,18 @@ class MountOptions:
     log_file: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     ca_cert: str | None = None
+    s3_endpoint: str | None = None
     fetch: FetchOptions = field(default_factory=FetchOptions)  # connections, retries, prefetch
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
     # path at its first read to that file. None: no recording.
     record: object | None = None
+
+    def source_options(self):
+        """How to reach the image's store (lazyfs.imageref.SourceOptions)."""
+        from lazyfs.imageref import SourceOptions
+
+        return SourceOptions(headers=self.headers or None, ca_cert=self.ca_cert,
+                             timeout=self.fetch.timeouts_s(), s3_endpoint=self.s3_endpoint)
 
 
 def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False) -> int:
@@ -156,14 +164,12 @@ def open_session(ref: str, options: MountOptions) -> Session:
     from lazyfs.fetch import ChunkFetcher
     from lazyfs.prefetch import prefetch_and_background
     from lazyfs.fs import LazyFS
-    from lazyfs.image import SourceOptions, resolve_mount_image
+    from lazyfs.image import resolve_mount_image
     from lazyfs.layer import open_layer
     from lazyfs.tree import build_tree
 
     image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                                sources=SourceOptions(headers=options.headers or None,
-                                                      ca_cert=options.ca_cert,
-                                                      timeout=options.fetch.timeouts_s()))
+                                sources=options.source_options())
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]

@@ -139,7 +139,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
     from it that the program ran, and reads the mount's stats).
     """
-    from lazyfs.image import SourceOptions, resolve_image_config
+    from lazyfs.image import resolve_image_config
 
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
@@ -152,8 +152,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
         from lazyfs.crun import find_crun
 
         crun = find_crun()
-    config, pinned = resolve_image_config(
-        image, sources=SourceOptions(headers=options.headers or None, ca_cert=options.ca_cert))
+    config, pinned = resolve_image_config(image, sources=options.source_options())
     command_for(config, command)  # no command at all: say so before mounting anything
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False
