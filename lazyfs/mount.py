@@ -56,11 +56,19 @@ class MountOptions:
                              timeout=self.fetch.timeouts_s(), s3_endpoint=self.s3_endpoint)
 
 
-def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False) -> int:
+def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False,
+          image=None) -> int:
+    """Mount `ref` at `mountpoint`; in a background daemon unless options.foreground.
+
+    `image`: ref already resolved (a lazyfs.image.MountImage), as `lazyfs run` has it after
+    reading the image config: the daemon, a fork of this process, serves it without fetching
+    index, manifest and config again, and reuses its kept-alive connections. The caller must
+    not close it (the daemon owns it from then on).
+    """
     if not os.path.isdir(mountpoint):
         raise NotFound(f"mountpoint {mountpoint} is not a directory")
     if options.foreground:
-        return _serve(ref, mountpoint, options, ready_fd=None)
+        return _serve(ref, mountpoint, options, ready_fd=None, image=image)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -69,7 +77,7 @@ def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = Fal
         _detach_stdio(options.log_file)
         code = 1
         try:
-            code = _serve(ref, mountpoint, options, ready_fd=write_fd)
+            code = _serve(ref, mountpoint, options, ready_fd=write_fd, image=image)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -99,12 +107,13 @@ def _report(ready_fd: int | None, message: str) -> None:
         os.close(ready_fd)
 
 
-def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None) -> int:
+def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None,
+           image=None) -> int:
     import pyfuse3
     import trio
 
     try:
-        session = open_session(ref, options)
+        session = open_session(ref, options, image=image)
     except LazyfsError as exc:
         _report(ready_fd, f"{exc.exit_code} lazyfs mount: error: {exc}")
         if ready_fd is None:
@@ -192,21 +201,22 @@ class Session:
     background: object = None  # async fn(task_status=...): prefetch, then background fetch
 
 
-def open_session(ref: str, options: MountOptions) -> Session:
-    """Everything a mount serves, ready before the kernel sees it: errors surface here."""
+def open_session(ref: str, options: MountOptions, image=None) -> Session:
+    """Everything a mount serves, ready before the kernel sees it: errors surface here.
+
+    `image`: ref already resolved (see mount()); None to resolve it here."""
     from lazyfs.cache import ChunkCache, default_cache_dir
     from lazyfs.fetch import ChunkFetcher
     from lazyfs.prefetch import prefetch_and_background
     from lazyfs.fs import LazyFS
-    from lazyfs.image import resolve_mount_image
-    from lazyfs.layer import open_layer
+    from lazyfs.layer import open_layers
     from lazyfs.tree import build_tree
 
-    image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                                sources=options.source_options())
+    if image is None:
+        image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
-        layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]
+        layers = open_layers(image.layers, cache)
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
@@ -217,14 +227,22 @@ def open_session(ref: str, options: MountOptions) -> Session:
             log.warning("%s: %s", ref, description["warning"])
         recorder = options.record.open(tree) if options.record is not None else None
         return Session(LazyFS(tree, layers, fetcher, description=description, recorder=recorder),
-                       lambda: _close_image(image),
+                       lambda: close_image(image),
                        functools.partial(prefetch_and_background, fetcher))
     except BaseException:
-        _close_image(image)
+        close_image(image)
         raise
 
 
-def _close_image(image) -> None:
+def resolve_image(ref: str, options: MountOptions):
+    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config."""
+    from lazyfs.image import resolve_mount_image
+
+    return resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
+                               sources=options.source_options())
+
+
+def close_image(image) -> None:
     for spec in image.layers:
         spec.source.close()
     image.close()
