@@ -43,6 +43,8 @@ class MountOptions:
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
     # path at its first read to that file. None: no recording.
     record: object | None = None
+    # Public keys (PEM paths): refuse the image unless one of them signed it (lazyfs.signing).
+    verify_keys: tuple[str, ...] = ()
 
     def source_options(self):
         """How to reach the image's store (lazyfs.imageref.SourceOptions)."""
@@ -169,7 +171,8 @@ def open_session(ref: str, options: MountOptions) -> Session:
     from lazyfs.tree import build_tree
 
     image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                                sources=options.source_options())
+                                sources=options.source_options(),
+                                verify_keys=options.verify_keys)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]

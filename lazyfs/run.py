@@ -152,7 +152,8 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
         from lazyfs.crun import find_crun
 
         crun = find_crun()
-    config, pinned = resolve_image_config(image, sources=options.source_options())
+    config, pinned = resolve_image_config(image, sources=options.source_options(),
+                                          verify_keys=options.verify_keys)
     command_for(config, command)  # no command at all: say so before mounting anything
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False
