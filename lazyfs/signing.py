@@ -352,15 +352,17 @@ def _read_signatures(image, sources) -> list[tuple[bytes, bytes]]:
         return []
     pairs = []
     with target as signatures:
-        candidates = [d for d in signatures.layers if d.media_type == SIMPLE_SIGNING_MEDIA_TYPE
-                      and d.annotations.get(SIGNATURE_ANNOTATION)
-                      and d.size <= MAX_PAYLOAD_BYTES]
-        for layer in candidates[:MAX_SIGNATURES]:
+        layers = [d for d in signatures.layers if d.media_type == SIMPLE_SIGNING_MEDIA_TYPE]
+        for layer in layers[:MAX_SIGNATURES]:
+            # A garbled or oversized entry is still a signature, one that verifies with no key.
             try:
-                signature = base64.b64decode(layer.annotations[SIGNATURE_ANNOTATION],
+                signature = base64.b64decode(layer.annotations.get(SIGNATURE_ANNOTATION, ""),
                                              validate=True)
             except binascii.Error:
-                continue   # not a signature: it verifies with no key
+                signature = b""
+            if not signature or layer.size > MAX_PAYLOAD_BYTES:
+                pairs.append((b"", b""))
+                continue
             pairs.append((signatures.read_blob(layer, MAX_PAYLOAD_BYTES), signature))
     return pairs
 
