@@ -18,6 +18,7 @@ import shutil
 import stat
 import struct
 import subprocess
+import tarfile
 import zlib
 from pathlib import Path
 
@@ -221,6 +222,19 @@ def test_openssl_checks_the_signatures(keys, small_layout, tmp_path):
     ecdsa_payload.write_bytes(ecdsa_payload.read_bytes().replace(b"sha256:", b"sha256:0"))
     bad = subprocess.run([*openssl_ecdsa, ecdsa_sig, ecdsa_payload], capture_output=True, text=True)
     assert bad.returncode != 0 and "Verification failure" in bad.stdout
+
+
+def test_the_signature_travels_in_an_oci_archive(keys, small_layout, tmp_path):
+    signing.sign_image(str(small_layout), keys["ed25519"][0])
+    archive = tmp_path / "image.tar"
+    with tarfile.open(archive, "w") as tar:
+        for name in ("oci-layout", "index.json", "blobs"):
+            tar.add(small_layout / name, arcname=name)
+    verified = lazyfs("verify", f"{archive}:small", "--verify-key", keys["ed25519"][1])
+    assert verified.returncode == 0, verified.stderr
+    assert "ok signature of manifest" in verified.stdout
+    with pytest.raises(FormatError, match="is an oci-archive: sign the layout directory"):
+        signing.sign_image(str(archive), keys["ed25519"][0])
 
 
 def test_what_cannot_be_signed_or_verified(keys, small_layout, tmp_path):
