@@ -346,8 +346,12 @@ def _read_signatures(image, sources) -> list[tuple[bytes, bytes]]:
     ref = f"{image.name}:{signature_tag(image.manifest_descriptor.digest)}"
     try:
         target = open_reference(ref, sources=sources or SourceOptions())
-    except NotFound:   # no such tag: unsigned. Network and format errors propagate as they are.
+    except NotFound:   # no such tag: unsigned. Network errors propagate as they are.
         return []
+    except FormatError as exc:
+        # Also what a signature made by cosign itself gives for now: its config leaves os and
+        # architecture empty, which the image resolver refuses.
+        raise VerificationError(f"{ref}: unreadable signature manifest: {exc}") from None
     if isinstance(target, LoneBlob):
         return []
     pairs = []
