@@ -218,7 +218,10 @@ def load_image(blobs: LocalBlobs, manifest_desc: Descriptor, *, name: str,
             raise FormatError(f"{where}: not a container image"
                               f" (config media type {manifest.config.media_type!r})")
         config_bytes = blobs.read(manifest.config)
-        config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}")
+        signatures = bool(manifest.layers) and all(
+            d.media_type == oci.COSIGN_SIMPLE_SIGNING for d in manifest.layers)
+        config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}",
+                                  require_platform=not signatures)
         diff_id_count = len(oci.config_diff_ids(config))
         if diff_id_count != len(manifest.layers):
             raise FormatError(f"{where}: {len(manifest.layers)} layers but the config lists"

@@ -39,9 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from lazyfs.errors import FormatError, LazyfsError, NotFound, VerificationError
 from lazyfs.format import oci
 from lazyfs.format.oci import Descriptor
-from lazyfs.oci_layout import MAX_JSON_BYTES
 
-SIMPLE_SIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
+SIMPLE_SIGNING_MEDIA_TYPE = oci.COSIGN_SIMPLE_SIGNING
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 PAYLOAD_TYPE = "cosign container image signature"
 KEY_TYPES = ("ecdsa-p256", "ed25519")
@@ -249,8 +248,8 @@ def _store_signature(layout: str, digest: str, payload: bytes, signature: str,
         layers.append(layer)
     _put_blob(layout, payload)
     os_name, architecture = platform
-    # cosign leaves os and architecture empty; ours repeat the signed image's, because the
-    # image resolvers here (and some elsewhere) insist on a non-empty platform in a config.
+    # cosign leaves os and architecture empty; ours repeat the signed image's, so that image
+    # resolvers that insist on a platform in every config (older lazyfs, some others) read it.
     config = {"architecture": architecture or "unknown", "os": os_name or "unknown",
               "config": {},
               "rootfs": {"type": "layers", "diff_ids": [d.digest for d in layers]}}
@@ -269,20 +268,13 @@ def _ref_name(entry: Any) -> str | None:
 
 
 def _existing_signature_layers(layout: str, index: dict, tag: str) -> list[Descriptor]:
-    """The signature layers already stored under tag (by lazyfs or by cosign)."""
-    entries = [m for m in oci.parse_index(oci.encode_json(index)).manifests if m.ref_name == tag]
-    if not entries:
+    """The signature layers already stored under tag (by lazyfs or by cosign), verified."""
+    from lazyfs.oci_layout import Reference, open_oci_layout
+
+    if not any(_ref_name(m) == tag for m in index["manifests"]):
         return []
-    # Read directly rather than through the image resolver: cosign writes an empty os and
-    # architecture in its signature configs, which the resolver refuses for images.
-    entry = entries[0]
-    where = f"{layout}: signature manifest {entry.digest}"
-    with open(os.path.join(layout, oci.blob_relpath(entry.digest)), "rb") as f:
-        data = f.read(MAX_JSON_BYTES + 1)
-    if len(data) != entry.size or oci.sha256_digest(data) != entry.digest:
-        raise VerificationError(f"{where} does not match its digest")
-    manifest = oci.parse_manifest(data, where)
-    return [d for d in manifest.layers if d.media_type == SIMPLE_SIGNING_MEDIA_TYPE]
+    with open_oci_layout(Reference(layout, tag=tag)) as signatures:
+        return [d for d in signatures.layers if d.media_type == SIMPLE_SIGNING_MEDIA_TYPE]
 
 
 def _put_blob(layout: str, data: bytes) -> None:
@@ -349,8 +341,6 @@ def _read_signatures(image, sources) -> list[tuple[bytes, bytes]]:
     except NotFound:   # no such tag: unsigned. Network errors propagate as they are.
         return []
     except FormatError as exc:
-        # Also what a signature made by cosign itself gives for now: its config leaves os and
-        # architecture empty, which the image resolver refuses.
         raise VerificationError(f"{ref}: unreadable signature manifest: {exc}") from None
     if isinstance(target, LoneBlob):
         return []

@@ -199,6 +199,44 @@ def test_the_stored_signature_is_cosigns_format(keys, small_layout):
     assert config["rootfs"]["diff_ids"] == [layer["digest"]]
 
 
+def store_as_cosign_does(layout: Path, manifest_digest: str, key_path: str) -> None:
+    """A signature manifest shaped as cosign writes one: its config has an empty os and
+    architecture, a zero creation time and one history entry."""
+    payload = signing.simple_signing_payload(manifest_digest, "registry.example/app")
+    signature = signing.sign_payload(signing.load_private_key(key_path), payload)
+
+    def put(data: bytes) -> dict:
+        (layout / oci.blob_relpath(oci.sha256_digest(data))).write_bytes(data)
+        return {"digest": oci.sha256_digest(data), "size": len(data)}
+
+    zero = "0001-01-01T00:00:00Z"
+    config = {"architecture": "", "created": zero, "history": [{"created": zero}], "os": "",
+              "rootfs": {"type": "layers", "diff_ids": [oci.sha256_digest(payload)]},
+              "config": {}}
+    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                "config": {"mediaType": oci.OCI_CONFIG, **put(oci.encode_json(config))},
+                "layers": [{"mediaType": signing.SIMPLE_SIGNING_MEDIA_TYPE, **put(payload),
+                            "annotations": {signing.SIGNATURE_ANNOTATION:
+                                            base64.b64encode(signature).decode()}}]}
+    index = json.loads((layout / "index.json").read_text())
+    index["manifests"].append({"mediaType": oci.OCI_MANIFEST, **put(oci.encode_json(manifest)),
+                               "annotations": {oci.ANNOTATION_REF_NAME:
+                                               signing.signature_tag(manifest_digest)}})
+    (layout / "index.json").write_bytes(oci.encode_json(index))
+
+
+def test_a_signature_stored_by_cosign_verifies_and_takes_more(keys, small_layout):
+    with open_image(str(small_layout)) as img:
+        digest = img.manifest_descriptor.digest
+    store_as_cosign_does(small_layout, digest, keys["ecdsa-p256"][0])
+    with open_image(str(small_layout)) as img:
+        assert signing.check_signed(img, [keys["ecdsa-p256"][1]]) == keys["ecdsa-p256"][1]
+    assert signing.sign_image(str(small_layout), keys["ed25519"][0]).signature_count == 2
+    with open_image(str(small_layout)) as img:
+        for key_type in ("ecdsa-p256", "ed25519"):
+            assert signing.check_signed(img, [keys[key_type][1]]) == keys[key_type][1]
+
+
 def test_openssl_checks_the_signatures(keys, small_layout, tmp_path):
     ecdsa = signing.sign_image(str(small_layout), keys["ecdsa-p256"][0])
     both = signing.sign_image(str(small_layout), keys["ed25519"][0])
