@@ -306,6 +306,18 @@ def test_a_garbled_signature_verifies_with_no_key(keys, small_layout):
         signing.check_signed(img, [keys["ecdsa-p256"][1]])
 
 
+def test_an_unreadable_signature_manifest_is_named(keys, small_layout):
+    result = signing.sign_image(str(small_layout), keys["ecdsa-p256"][0])
+    tag = signing.signature_tag(result.manifest_digest)
+    index = json.loads((small_layout / "index.json").read_text())
+    entry = next(m for m in index["manifests"] if m["annotations"][oci.ANNOTATION_REF_NAME] == tag)
+    with open(small_layout / oci.blob_relpath(entry["digest"]), "r+b") as f:
+        f.write(b"[")   # a different manifest than index.json pins
+    with open_image(str(small_layout)) as img, pytest.raises(
+            VerificationError, match=rf":{tag}: unreadable signature manifest: .*hashes to"):
+        signing.check_signed(img, [keys["ecdsa-p256"][1]])
+
+
 # --- the policy on real mounts -------------------------------------------------------------------
 
 @ESTARGZ_ONLY
