@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from lazyfs import signing
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci, zstdchunked
 from lazyfs.imageref import LoneBlob, SourceOptions, open_reference, pinned_reference
@@ -41,8 +40,7 @@ def resolve_mount_image(ref: str, *, toc_digest: str | None = None, insecure: bo
     sources = sources or SourceOptions()
     target = open_reference(ref, sources=sources)
     if isinstance(target, LoneBlob):
-        if verify_keys:
-            raise signing.require_image_for_keys(target.location)
+        _refuse_keys_for_lone_blob(target, verify_keys)
         return _lone_blob(target.location, sources.open(target.location), toc_digest, insecure)
     signed_by = _check_signed(target, verify_keys, sources)
     image = _from_image(target, ref, insecure and not verify_keys)
@@ -55,11 +53,20 @@ def _check_signed(image, verify_keys: tuple[str, ...], sources: SourceOptions) -
     """The key that signed image, None when no key is asked for; closes image on refusal."""
     if not verify_keys:
         return None
+    from lazyfs import signing   # cryptography is imported only by those who verify
+
     try:
         return signing.check_signed(image, verify_keys, sources)
     except BaseException:
         image.close()
         raise
+
+
+def _refuse_keys_for_lone_blob(target: LoneBlob, verify_keys: tuple[str, ...]) -> None:
+    if verify_keys:
+        from lazyfs import signing
+
+        raise signing.require_image_for_keys(target.location)
 
 
 def _lone_blob(location: str, source, toc_digest: str | None, insecure: bool) -> MountImage:
@@ -115,8 +122,7 @@ def resolve_image_config(ref: str, *, sources: SourceOptions | None = None,
     sources = sources or SourceOptions()
     target = open_reference(ref, sources=sources)
     if isinstance(target, LoneBlob):
-        if verify_keys:
-            raise signing.require_image_for_keys(target.location)
+        _refuse_keys_for_lone_blob(target, verify_keys)
         return None, ref
     _check_signed(target, verify_keys, sources)  # refused before anything is mounted
     with target:

@@ -9,7 +9,6 @@ import tempfile
 from collections.abc import Iterator
 from typing import TextIO
 
-from lazyfs import signing
 from lazyfs.blobfile import SeekableLayer, SourceBlob
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci
@@ -116,6 +115,8 @@ def verify_target(target: str, toc_digest: str | None,
     Every byte is checked, so remote layers are copied to temporary files first. With
     `verify_keys`, the manifest's signature is checked first (lazyfs.signing).
     """
+    if verify_keys:
+        from lazyfs import signing   # cryptography is imported only by those who verify
     sources = sources or SourceOptions()
     image = open_reference(target, sources=sources)
     if isinstance(image, LoneBlob) and verify_keys:
