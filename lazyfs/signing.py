@@ -229,7 +229,10 @@ def sign_image(ref: str, key_path: str, *, identity: str | None = None,
         platform = (image.config.get("os"), image.config.get("architecture"))
     payload = simple_signing_payload(digest, identity or layout)
     signature = base64.b64encode(sign_payload(private_key, payload)).decode()
-    count = _store_signature(layout, digest, payload, signature, platform)
+    try:
+        count = _store_signature(layout, digest, payload, signature, platform)
+    except OSError as exc:
+        raise LazyfsError(f"cannot store the signature in {layout}: {exc}") from None
     return SignResult(digest, layout, signature_tag(digest), count)
 
 
