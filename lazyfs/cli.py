@@ -237,6 +237,9 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="do not fetch the prioritized files of each layer at mount")
     parser.add_argument("--no-background-fetch", action="store_true",
                         help="do not fetch the rest of the image in the background")
+    parser.add_argument("--kernel-readahead", type=_size, default="1M", metavar="SIZE",
+                        help="the kernel's readahead window for the mount, which also sizes its "
+                             "read requests to lazyfs (at most 1M count; default 1M)")
     parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
                         help="average cap of the background fetch, e.g. 5M (default: none)")
 
@@ -331,7 +334,8 @@ def _mount_options(args):
                         foreground=getattr(args, "foreground", False),
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
                         ca_cert=args.ca_cert, s3_endpoint=args.s3_endpoint,
-                        fetch=_fetch_options(args), verify_keys=_verify_keys(args))
+                        kernel_readahead_bytes=args.kernel_readahead, fetch=_fetch_options(args),
+                        verify_keys=_verify_keys(args))
 
 
 def _cmd_mount(args) -> int:
