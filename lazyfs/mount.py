@@ -47,6 +47,8 @@ class MountOptions:
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
     # path at its first read to that file. None: no recording.
     record: object | None = None
+    # Public keys (PEM paths): refuse the image unless one of them signed it (lazyfs.signing).
+    verify_keys: tuple[str, ...] = ()
 
     def source_options(self):
         """How to reach the image's store (lazyfs.imageref.SourceOptions)."""
@@ -239,7 +241,8 @@ def resolve_image(ref: str, options: MountOptions):
     from lazyfs.image import resolve_mount_image
 
     return resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                               sources=options.source_options())
+                               sources=options.source_options(),
+                               verify_keys=options.verify_keys)
 
 
 def close_image(image) -> None:

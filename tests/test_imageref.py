@@ -13,7 +13,7 @@ import pytest
 
 from lazyfs.errors import FetchError, VerificationError
 from lazyfs.format import oci
-from lazyfs.image import resolve_image_config
+from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import LoneBlob, open_reference, pinned_reference, scheme_of
 from lazyfs.oci_layout import open_image
 from tests.testimage import TAG
@@ -58,8 +58,12 @@ def test_a_remote_image_resolves_like_the_local_one(served):
         assert remote.tag == TAG
         pinned = pinned_reference(remote)
     assert pinned == f"{url.rsplit(':', 1)[0]}@{local.manifest_descriptor.digest}"
-    config, pinned_again = resolve_image_config(url)
-    assert pinned_again == pinned and config == local.config
+    mount_image = resolve_mount_image(pinned)
+    try:
+        assert mount_image.config == local.config
+        assert mount_image.description["manifest"] == local.manifest_descriptor.digest
+    finally:
+        mount_image.close()
 
 
 def test_inspect_of_a_remote_image_reads_only_footers_and_tocs(served):
