@@ -242,15 +242,17 @@ def test_distant_chunks_are_one_multi_range_request(published, nginx, tmp_path):
     mount_dir = tmp_path / "mnt"
     with mounted(f"{nginx.url}/layout:{TAG}", mount_dir, "--no-background-fetch",
                  "--no-prefetch", cache_dir=tmp_path / "cache"):
+        # O_DIRECT: each read(2) is exactly one FUSE read, whatever the kernel's readahead.
         # The second chunk alone first (a read in its middle, not sequential: no readahead)...
-        assert pread(mount_dir, "data/a.bin", CHUNK + 1000, 10) == \
+        assert direct_read(mount_dir / "data/a.bin", CHUNK + 1000, 10) == \
             FILES["data/a.bin"][CHUNK + 1000:CHUNK + 1010]
         assert [ranges_of(r) for r in finished_blob_requests(nginx, blob_uri)][-1] == \
             [(chunks[1].blob_offset, chunks[1].blob_end - 1)]
         nginx.clear_log()
         # ...then the first 768 KiB: chunks 0 and 2 (and readahead) are missing, with chunk 1's
         # 256 KiB between them: two ranges in one multipart request.
-        assert pread(mount_dir, "data/a.bin", 0, 3 * CHUNK) == FILES["data/a.bin"][:3 * CHUNK]
+        assert direct_read(mount_dir / "data/a.bin", 0, 3 * CHUNK) == \
+            FILES["data/a.bin"][:3 * CHUNK]
         [request] = finished_blob_requests(nginx, blob_uri)
         spans = ranges_of(request)
         assert spans[0] == (chunks[0].blob_offset, chunks[0].blob_end - 1)
@@ -460,9 +462,11 @@ def test_servers_without_multi_range_get_single_ranges(proxied, fault):
 
     def read_around_the_second_chunk(path):
         # The second chunk alone, then the first three: chunks 0 and 2 are missing, with the
-        # second one between them, so the read needs two ranges.
-        assert pread(mount_dir, path, CHUNK + 1000, 10) == FILES[path][CHUNK + 1000:CHUNK + 1010]
-        assert pread(mount_dir, path, 0, 3 * CHUNK) == FILES[path][:3 * CHUNK]
+        # second one between them, so the read needs two ranges. (O_DIRECT: each read(2) is
+        # one FUSE read, whatever the kernel's readahead.)
+        assert direct_read(mount_dir / path, CHUNK + 1000, 10) == \
+            FILES[path][CHUNK + 1000:CHUNK + 1010]
+        assert direct_read(mount_dir / path, 0, 3 * CHUNK) == FILES[path][:3 * CHUNK]
 
     read_around_the_second_chunk("data/a.bin")
     assert proxy.faults_applied == 1  # the one multi-range attempt

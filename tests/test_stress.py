@@ -8,11 +8,12 @@ image is ~14 MiB) so that the LRU fills and evicts all the time. What it may hol
   - the cache's 16 KiB block digests: 32 bytes per 16 KiB plus ~240 bytes per chunk, under
     0.5 MiB for this image;
   - answers in flight: at most --max-connections (8) requests at once, each for the chunks
-    of one read (at most a 128 KiB FUSE read, i.e. 3 chunks) plus readahead (1 MiB) and merge
-    gaps (64 KiB), each byte held at most twice (the source's piece and the member buffer);
+    of one FUSE read (at most 1 MiB, the kernel readahead window the mount sets) plus
+    readahead (1 MiB) and merge gaps (64 KiB), each byte held at most twice (the source's
+    piece and the member buffer);
   - replies being assembled: one per reader, at most the largest read (200 KB) each;
 So the peak RSS (VmHWM) may exceed the RSS at mount by at most
-    LRU + answers in flight + replies + MARGIN  (~4 + 24 + 12 + 48 MiB)
+    LRU + answers in flight + replies + MARGIN  (~4 + 35 + 12 + 48 MiB)
 where MARGIN covers what the allocator keeps: glibc serves big buffers from per-thread arenas
 once its dynamic mmap threshold has risen, and keeps freed memory there. Measured here over
 30 s of this load: the RSS rises ~20-30 MiB above the mount's and levels off (with
@@ -53,7 +54,8 @@ RESET_EVERY = 10  # every 10th blob request is reset: retried, never seen by a r
 READ_SIZES = (1, 100, 4096, 65536, 200_000)
 MEMORY_CACHE_BYTES = 4 * MiB  # --memory-cache 4M
 _OPTIONS = FetchOptions()
-FUSE_READ_BYTES = 128 * KiB  # the kernel's largest FUSE read request
+# The kernel's largest FUSE read: its readahead window, which the mount sets to 1 MiB.
+FUSE_READ_BYTES = 1 * MiB
 IN_FLIGHT_BYTES = 2 * _OPTIONS.max_connections * (
     FUSE_READ_BYTES + 2 * CHUNK + _OPTIONS.readahead_bytes + _OPTIONS.merge_gap_bytes)
 REPLY_BYTES = READERS * max(READ_SIZES)
