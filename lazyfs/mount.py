@@ -218,7 +218,8 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
-        layers = open_layers(image.layers, cache)
+        # Again after a transient failure: a layer already opened comes from the TOC cache.
+        layers = _retried(lambda: open_layers(image.layers, cache), options)
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
@@ -240,9 +241,21 @@ def resolve_image(ref: str, options: MountOptions):
     """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config."""
     from lazyfs.image import resolve_mount_image
 
-    return resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                               sources=options.source_options(),
-                               verify_keys=options.verify_keys)
+    return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
+                                                insecure=options.insecure,
+                                                sources=options.source_options(),
+                                                verify_keys=options.verify_keys), options)
+
+
+def _retried(attempt, options: MountOptions):
+    """attempt() under the mount's retry policy: a reset or a 503 while opening the image is
+    retried with backoff, as the reads of a mounted image are, rather than failing the mount."""
+    from lazyfs.retry import retrying_blocking
+
+    def on_retry(exc, retry: int, delay_s: float) -> None:
+        log.warning("opening the image: retry %d in %.2f s: %s", retry + 1, delay_s, exc)
+
+    return retrying_blocking(attempt, options.fetch.retry, on_retry=on_retry)
 
 
 def close_image(image) -> None:

@@ -18,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from lazyfs.prefetch import prioritized_chunks
 from tests.faultproxy import FaultProxy
 from tests.imagebuild import write_layout
 from tests.mounting import (assert_cache_holds_only_verified, direct_read, forget_pages,
-                            lazyfs_stats, mounted, require_fuse)
+                            lazyfs_cmd, lazyfs_stats, mounted, require_fuse)
 from tests.tarbuild import dir_, file_
 
 KiB = 1024
@@ -534,3 +535,38 @@ def wait_for_quiet(proxy, mount_dir: Path, quiet_s: float, timeout_s: float = 30
             return
         assert time.monotonic() < deadline, layer
         time.sleep(0.05)
+
+
+def test_faults_while_mounting_are_retried(published_estargz, nginx, tmp_path):
+    """Opening the image (index, manifest, config, then each layer's TOC) meets the same faults
+    as reads and is retried the same way: a reset or two do not fail the mount, a server that
+    keeps failing does, with the cause, the attempts and the fetch error's exit code."""
+    cache_dir = tmp_path / "cache"
+    mount_dir = tmp_path / "mnt"
+    mount_dir.mkdir()
+    with FaultProxy(nginx.url) as proxy:
+        image = f"{proxy.url}/layout:{TAG}"
+
+        def mount(cache_name: str) -> subprocess.CompletedProcess:
+            # A cache of its own for each mount: a cached TOC would skip the TOC read.
+            return subprocess.run(lazyfs_cmd("mount", "--cache-dir", cache_dir / cache_name,
+                                             *FAST_FAILURE, image, mount_dir),
+                                  capture_output=True, text=True, timeout=60)
+
+        proxy.inject("status", status=503, match=blob_reads)  # the TOC read, for good
+        failed = mount("failed")
+        assert failed.returncode == 5, failed.stderr
+        assert re.search(r"HTTP 503.*\(gave up after 3 attempts\)", failed.stderr), failed.stderr
+        assert not os.path.ismount(mount_dir)
+
+        for number, fault in enumerate((
+                {"kind": "reset", "times": 2},  # the first documents
+                {"kind": "reset", "times": 2, "match": blob_reads})):  # the TOC read
+            proxy.inject(**fault)
+            done = mount(str(number))
+            try:
+                assert done.returncode == 0, done.stderr
+                assert proxy.active is None  # both faults were met
+                assert read_all(mount_dir, "data/a.bin") == FILES["data/a.bin"]
+            finally:
+                subprocess.run(lazyfs_cmd("umount", mount_dir), capture_output=True, timeout=60)
