@@ -3,10 +3,11 @@
 nginx's access log proves what went over the wire: a multi-chunk read is one request (merged,
 or multi-range), the prefetch of the prioritized files is one request at mount, and reads of
 those files wait for it. Faults come from tests/faultproxy.py between the mount and nginx:
-connection resets, delays past the timeout, 5xx, a server ignoring Range, truncated bodies,
-wrong bytes, servers without (or with broken) multi-range support. Through all of them a read
-returns the right bytes or EIO, never wrong bytes, and reads succeed again once the fault
-clears.
+connection resets, delays, stalls, 5xx and 5xx bursts, a server ignoring Range or answering
+other ranges, truncated bodies and multipart answers, flipped bytes, servers without (or with
+broken) multi-range support. Under each, one test checks the four promises (see
+test_every_fault_keeps_the_four_promises); the same faults are also thrown at the prefetch,
+the background fetch and the opening of the image. docs/security.md tables the outcomes.
 """
 
 from __future__ import annotations
