@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -155,10 +156,14 @@ _OPENERS = {
 }
 
 
+# RFC 3986: a letter, then letters, digits, "+", "-" or "." (s3, oci, git+ssh, ...).
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def scheme_of(ref: str) -> str | None:
     """The URL scheme of ref (lower case), or None for a plain path."""
     head, sep, _ = ref.partition("://")
-    if not sep or not head.isascii() or not head.isalpha():
+    if not sep or not _SCHEME_RE.fullmatch(head):
         return None
     return head.lower()
 
