@@ -124,7 +124,7 @@ def test_an_oci_archive_is_pushed_like_its_layout(image, tmp_path):
     assert skopeo_digest(dest, TAG) == skopeo_digest(converted, TAG)
 
 
-# --- indexes and signatures ------------------------------------------------------------------------
+# --- indexes and signatures ----------------------------------------------------------------------
 
 def add_blob(layout: Path, data: bytes, media_type: str, **fields) -> oci.Descriptor:
     desc = oci.descriptor_of(media_type, data, **fields)
@@ -320,3 +320,35 @@ def test_bad_destinations_are_refused(dest, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PushError, match=re.escape(message)):
         parse_destination(dest)
+
+
+# --- other sources, layouts kept as found ---------------------------------------------------------
+
+@one_format
+def test_an_image_on_a_web_server_is_mirrored_to_a_directory(image, nginx, tmp_path):
+    _, converted, _ = image
+    shutil.copytree(converted, Path(nginx.root) / "layout")
+    dest = tmp_path / "mirror"
+    assert run_push(f"{nginx.url}/layout:{TAG}", f"{dest}:copy").stdout == f"{dest}:copy\n"
+    assert layout_files(dest) == layout_files(converted)
+    assert skopeo_digest(dest, "copy") == skopeo_digest(converted, TAG)
+
+
+@one_format
+def test_an_existing_index_keeps_its_other_entries_and_fields(image, tmp_path):
+    source, converted, _ = image
+    dest = tmp_path / "published"
+    shutil.copytree(source, dest)
+    index = json.loads((dest / "index.json").read_text())
+    [entry] = index["manifests"]
+    untagged = {k: v for k, v in entry.items() if k != "annotations"}
+    index["annotations"] = {"org.example.owner": "team-a"}
+    index["manifests"] = [entry, {**untagged, "urls": ["https://mirror.example/blob"]}]
+    (dest / "index.json").write_text(json.dumps(index))
+
+    run_push(f"{converted}:{TAG}", f"{dest}:converted")
+    merged = json.loads((dest / "index.json").read_text())
+    assert merged["annotations"] == index["annotations"]
+    assert merged["manifests"][:2] == index["manifests"]
+    assert [m["annotations"][oci.ANNOTATION_REF_NAME] for m in merged["manifests"][2:]] == [
+        "converted"]
