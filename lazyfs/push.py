@@ -220,10 +220,14 @@ class LayoutDestination:
         self.store = store
         self.name = store.name
         self._tagged: list[Descriptor] = []
-        marker = store.get("oci-layout", MAX_JSON_BYTES)
-        if marker is not None:
-            oci.parse_oci_layout(marker, f"{self.name}: oci-layout")
-        self._existing_index()
+        try:
+            marker = store.get("oci-layout", MAX_JSON_BYTES)
+            if marker is not None:
+                oci.parse_oci_layout(marker, f"{self.name}: oci-layout")
+            self._existing_index()
+        except BaseException:
+            store.close()
+            raise
 
     def has_blob(self, desc: Descriptor) -> bool:
         return self.store.exists(oci.blob_relpath(desc.digest)) == desc.size
@@ -576,18 +580,17 @@ def push(image_ref: str, dest: str, *, sources=None, progress: bool | None = Non
         plan = plan_push(source, target.tag)
         destination = open_destination(target, sources)
         try:
-            copied, skipped, sent = _copy_blobs(source, plan, destination, progress)
-            for put in plan.manifests:
-                destination.put_manifest(put.desc, put.data, put.tag)
-            destination.finish()
+            copied, skipped, sent = copy_plan(source, plan, destination, progress)
         finally:
             destination.close()
     return PushResult(target.reference(plan.tag), copied, skipped, sent, len(plan.manifests),
                       len(plan.signature_tags), time.monotonic() - started)
 
 
-def _copy_blobs(source: PushSource, plan: PushPlan, destination: Destination,
-                progress: bool | None) -> tuple[int, int, int]:
+def copy_plan(source: PushSource, plan: PushPlan, destination: Destination,
+              progress: bool | None = False) -> tuple[int, int, int]:
+    """Blobs, then manifests (children first), then finish(): the only order in which any
+    Destination is called. Returns (blobs copied, blobs skipped, bytes sent)."""
     from tqdm import tqdm
 
     missing = [desc for desc in plan.blobs.values() if not destination.has_blob(desc)]
@@ -598,6 +601,9 @@ def _copy_blobs(source: PushSource, plan: PushPlan, destination: Destination,
         for desc in missing:
             # Verified before it leaves: a corrupt local blob is never published.
             destination.put_blob(desc, source.blobs.path(desc), bar.update)
+    for put in plan.manifests:
+        destination.put_manifest(put.desc, put.data, put.tag)
+    destination.finish()
     return len(missing), len(plan.blobs) - len(missing), total_bytes
 
 

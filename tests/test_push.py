@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from lazyfs.format import oci
-from lazyfs.push import PushError, Target, parse_destination, signature_tag
+from lazyfs.push import (PushError, Target, copy_plan, open_push_source, parse_destination,
+                         plan_push, signature_tag)
 from tests.mounting import lazyfs_cmd, mounted
 from tests.tarbuild import tree_of
 from tests.testimage import TAG
@@ -199,6 +200,57 @@ def test_an_index_is_pushed_with_every_platform_and_the_signatures(multi_platfor
                                 check=True, capture_output=True).stdout
         manifest = oci.parse_manifest(layout_files(dest)[child.digest.split(":")[1]])
         assert oci.sha256_digest(config) == manifest.config.digest
+
+
+class RecordingDestination:
+    """Records the calls push makes: the order every Destination (directory, S3, registry)
+    relies on. `present` blobs are already there."""
+
+    name = "recording"
+
+    def __init__(self, present: set[str]):
+        self.present = present
+        self.calls: list[tuple[str, str | None, str | None]] = []
+
+    def has_blob(self, desc):
+        return desc.digest in self.present
+
+    def put_blob(self, desc, path, progress):
+        data = Path(path).read_bytes()
+        assert oci.sha256_digest(data) == desc.digest
+        progress(len(data))
+        self.calls.append(("blob", desc.digest, None))
+
+    def put_manifest(self, desc, data, tag):
+        assert oci.sha256_digest(data) == desc.digest
+        self.calls.append(("manifest", desc.digest, tag))
+
+    def finish(self):
+        self.calls.append(("finish", None, None))
+
+    def close(self):
+        pass
+
+
+@one_format
+def test_every_destination_gets_blobs_then_children_then_parents_then_finish(multi_platform):
+    layout, index, children, signatures = multi_platform
+    with open_push_source(f"{layout}:multi") as source:
+        plan = plan_push(source, None)
+        present = {next(iter(plan.blobs))}
+        destination = RecordingDestination(present)
+        copied, skipped, sent = copy_plan(source, plan, destination)
+    kinds = [kind for kind, _, _ in destination.calls]
+    assert kinds == ["blob"] * copied + ["manifest"] * len(plan.manifests) + ["finish"]
+    assert skipped == 1 and copied == len(plan.blobs) - 1
+    assert sent == sum(d.size for d in plan.blobs.values() if d.digest not in present)
+    assert not any(digest in present for _, digest, _ in destination.calls)
+    manifests = [(digest, tag) for kind, digest, tag in destination.calls if kind == "manifest"]
+    order = [digest for digest, _ in manifests]
+    assert all(order.index(child.digest) < order.index(index.digest) for child in children)
+    assert dict(manifests) == {
+        index.digest: "multi", children[0].digest: None, children[1].digest: None,
+        **{sig: signature_tag(signed) for signed, sig in signatures.items()}}
 
 
 @one_format
