@@ -146,8 +146,9 @@ def _build_parser() -> argparse.ArgumentParser:
                     "the tag (DEST's, else IMAGE's), so readers never see a partial image. "
                     "Signatures (cosign's sha256-<hex>.sig tags) are copied along. Prints the "
                     "reference to mount.")
-    push.add_argument("image")
-    push.add_argument("destination")
+    push.add_argument("image", help="OCI layout DIR[:TAG|@DIGEST] or oci-archive")
+    push.add_argument("destination", help="DIR[:TAG], s3://BUCKET/PREFIX/LAYOUT[:TAG] or "
+                                          "oci://REGISTRY/REPO[:TAG]")
     push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="progress bar (default: on a terminal)")
     _add_source_options(push)
