@@ -172,7 +172,7 @@ def htpasswd_auth(directory: str | os.PathLike, users: dict[str, str]) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt   # removed in Python 3.13; bookworm's Python is 3.11
-    lines = [f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=4))}"
+    lines = [f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}"
              for user, password in users.items()]
     path = Path(directory) / "htpasswd"
     path.write_text("\n".join(lines) + "\n")

@@ -20,7 +20,7 @@ import os
 from typing import Callable
 from urllib.parse import urlencode, urljoin
 
-from lazyfs.errors import FetchError, FormatError, VerificationError
+from lazyfs.errors import FetchError, FormatError, NotFound, VerificationError
 from lazyfs.format import oci
 from lazyfs.format.oci import Descriptor
 from lazyfs.oci_layout import MAX_JSON_BYTES, Reference
@@ -47,8 +47,12 @@ class RegistryStore:
 
     def index(self, reference: Reference) -> oci.Index:
         wanted = reference.digest or reference.tag
-        body, content_type = self.client.get_document(self.client.manifest_url(wanted),
-                                                      MAX_JSON_BYTES, MANIFEST_ACCEPT)
+        try:
+            body, content_type = self.client.get_document(self.client.manifest_url(wanted),
+                                                          MAX_JSON_BYTES, MANIFEST_ACCEPT)
+        except NotFound as exc:
+            what = f"manifest {wanted}" if reference.digest else f"tag {wanted!r}"
+            raise NotFound(f"{self.name}: no {what} ({exc})") from None
         digest = oci.sha256_digest(body)
         if reference.digest is not None and digest != reference.digest:
             raise VerificationError(f"{self.name}@{reference.digest}: the registry sent a "
