@@ -334,13 +334,15 @@ class RedirectingProxy(ThreadedHttpServer):
     that works for `uses_per_url` requests and then answers 403, as an expired presigned URL
     does. Storage refuses HEAD (403), as S3 does for URLs presigned for GET.
 
-    `redirects` counts the 307s, `expired` the refusals of used-up URLs."""
+    `redirects` counts the 307s, `expired` the refusals of used-up URLs, `heads_refused` the
+    HEADs storage refused."""
 
     def __init__(self, upstream_url: str, uses_per_url: int):
         self.upstream = urlsplit(upstream_url).netloc
         self.uses_per_url = uses_per_url
         self.redirects = 0
         self.expired = 0
+        self.heads_refused = 0
         self._uses: dict[str, int] = {}
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -423,6 +425,8 @@ class _Storage(ThreadedHttpServer):
                 storage._handle(self)
 
             def do_HEAD(self):
+                with storage.proxy._lock:
+                    storage.proxy.heads_refused += 1
                 _reply(self, 403, b"", {}, head=True)
 
             def log_message(self, *args):
