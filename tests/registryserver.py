@@ -335,7 +335,8 @@ class RedirectingProxy(ThreadedHttpServer):
     does. Storage refuses HEAD (403), as S3 does for URLs presigned for GET.
 
     `redirects` counts the 307s, `expired` the refusals of used-up URLs, `heads_refused` the
-    HEADs storage refused."""
+    HEADs storage refused, `storage_saw_authorization` requests to storage that carried an
+    Authorization header (the registry's credentials must not leave the registry)."""
 
     def __init__(self, upstream_url: str, uses_per_url: int):
         self.upstream = urlsplit(upstream_url).netloc
@@ -343,6 +344,8 @@ class RedirectingProxy(ThreadedHttpServer):
         self.redirects = 0
         self.expired = 0
         self.heads_refused = 0
+        self.storage_saw_authorization = 0
+        self._authorization: dict[str, str | None] = {}
         self._uses: dict[str, int] = {}
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -377,6 +380,8 @@ class RedirectingProxy(ThreadedHttpServer):
             signature = secrets.token_hex(8)
             with self._lock:
                 self._uses[signature] = self.uses_per_url
+                # What the registry would use to fetch the blob on the client's behalf.
+                self._authorization[signature] = handler.headers.get("Authorization")
                 self.redirects += 1
             location = f"{self.storage.url}/{signature}{match[0]}?X-Signature={signature}"
             _reply(handler, 307, b"", {"Location": location})
@@ -384,14 +389,16 @@ class RedirectingProxy(ThreadedHttpServer):
         status, headers, body = _forward(self.upstream, handler)
         _reply(handler, status, body, headers, head=handler.command == "HEAD")
 
-    def blob(self, blob_path: str) -> bytes:
+    def blob(self, blob_path: str, signature: str) -> bytes:
         """The blob's bytes, fetched whole from the registry once (test blobs are small)."""
         with self._lock:
             data = self._blobs.get(blob_path)
+            authorization = self._authorization.get(signature)
         if data is None:
             conn = http.client.HTTPConnection(self.upstream, timeout=30)
             try:
-                conn.request("GET", blob_path)
+                conn.request("GET", blob_path,
+                             headers={"Authorization": authorization} if authorization else {})
                 resp = conn.getresponse()
                 data = resp.read()
                 assert resp.status == 200, (resp.status, data[:200])
@@ -436,11 +443,14 @@ class _Storage(ThreadedHttpServer):
 
     def _handle(self, handler) -> None:
         _, signature, blob_path = urlsplit(handler.path).path.split("/", 2)
+        if handler.headers.get("Authorization"):
+            with self.proxy._lock:
+                self.proxy.storage_saw_authorization += 1
         if not self.proxy.take_use(signature):
             _reply(handler, 403, b"<Error><Code>AccessDenied</Code>"
                                  b"<Message>Request has expired</Message></Error>", {})
             return
-        data = self.proxy.blob(f"/{blob_path}")
+        data = self.proxy.blob(f"/{blob_path}", signature)
         match = re.fullmatch(r"bytes=(\d+)-(\d+)", handler.headers.get("Range", ""))
         if match is None:
             _reply(handler, 200, data, {})

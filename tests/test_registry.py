@@ -24,7 +24,7 @@ from lazyfs.layer import TAIL_READ_BYTES
 from lazyfs.imageref import SourceOptions, open_reference, pinned_reference
 from lazyfs.oci_layout import host_platform, open_image, write_gzip_layout
 from lazyfs.registry import RegistryDestination, parse_registry_reference
-from lazyfs.registry.auth import find_credentials, parse_challenge
+from lazyfs.registry.auth import find_credentials, origin_of, parse_challenge
 from tests.faultproxy import FaultProxy
 from tests.mounting import mounted
 from tests.registryserver import (RedirectingProxy, RegistryServer, TokenService,
@@ -387,23 +387,49 @@ def test_registry_auth_file_is_read_before_the_docker_config(token_registry, tmp
         assert image.tag == TAG
 
 
-def test_an_expired_token_is_renewed_and_the_request_retried(token_registry, tmp_path,
-                                                            monkeypatch):
+def test_an_expired_token_is_renewed_and_the_request_retried(token_registry, small_layout,
+                                                            tmp_path, monkeypatch):
     server, tokens, ref = token_registry
     monkeypatch.setenv("REGISTRY_AUTH_FILE", write_auth_file(tmp_path / "auth.json",
                                                              server.host, USER, PASSWORD))
     tokens.next_token_lifetime_s = 2
     issued = tokens.issued
-    with open_reference(ref) as image:
-        assert tokens.issued == issued + 1
+    started = time.monotonic()
+    with open_reference(ref) as image, open_image(f"{small_layout}:{TAG}") as local:
+        expected = Path(local.blobs.path(local.layers[0])).read_bytes()[:10]
         source = image.blobs.open_source(image.layers[0])
         try:
-            first = source.read(0, 10)
-            time.sleep(3)   # the token's signing certificate has expired: the registry says 401
-            assert source.read(0, 10) == first
-            assert tokens.issued == issued + 2
+            assert source.read(0, 10) == expected
+            # By now the first token's signing certificate has expired: the registry answers
+            # 401 to it, and the client must get a new token and retry.
+            time.sleep(max(0.0, started + 3.5 - time.monotonic()))
+            assert source.read(0, 10) == expected
         finally:
             source.close()
+    # Exactly one renewal, whether the expiry was met above or already while opening.
+    assert tokens.issued == issued + 2
+
+
+def test_registry_tokens_are_not_sent_to_the_storage_blobs_redirect_to(token_registry,
+                                                                       small_layout, tmp_path,
+                                                                       monkeypatch):
+    server, _, ref = token_registry
+    with RedirectingProxy(server.url, uses_per_url=1) as proxy:
+        proxy_host = proxy.url.removeprefix("http://")
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", write_auth_file(tmp_path / "auth.json",
+                                                                 proxy_host, USER, PASSWORD))
+        proxied = ref.replace(server.host, proxy_host)
+        with open_reference(proxied) as remote, open_image(f"{small_layout}:{TAG}") as local:
+            layer = remote.layers[0]
+            expected = Path(local.blobs.path(layer)).read_bytes()
+            source = remote.blobs.open_source(layer)
+            try:
+                assert source.read(0, 10) == expected[:10]
+                assert source.read(10, 10) == expected[10:20]   # a used-up URL: re-resolved
+            finally:
+                source.close()
+        assert proxy.redirects >= 3 and proxy.expired >= 1
+        assert proxy.storage_saw_authorization == 0
 
 
 def test_bad_credentials_are_a_clear_error_without_the_secret(token_registry, tmp_path,
@@ -529,6 +555,12 @@ def test_challenges():
                                 "scope": "repository:a/b:pull,push"}
     assert parse_challenge('Basic realm="x \\"y\\""').params == {"realm": 'x "y"'}
     assert parse_challenge("").scheme == ""
+
+
+def test_origins_decide_where_credentials_go():
+    assert origin_of("https://Reg.Example/v2/a") == origin_of("https://reg.example:443/token")
+    assert origin_of("http://reg.example/v2/") != origin_of("https://reg.example/v2/")
+    assert origin_of("http://127.0.0.1:5000/") != origin_of("http://127.0.0.1:5001/")
 
 
 def test_the_conformance_factory_reads_a_registry_blob():

@@ -175,6 +175,14 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the defaults filled in: what "the same server" means."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
 # --- Challenges ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -210,9 +218,10 @@ class RegistryAuth(requests.auth.AuthBase):
     """Authorization for one registry's requests; shared by every session that talks to it
     (the store's and each blob source's), so a token fetched by one serves all. Thread-safe."""
 
-    def __init__(self, registry: str, netloc: str, credentials: Credentials | None):
+    def __init__(self, registry: str, api_url: str, credentials: Credentials | None):
         self.registry = registry     # as the user named it, for messages
-        self.netloc = netloc         # where the API is: only its 401s are ours to answer
+        # Where the API is: only requests there get credentials, only its 401s are answered.
+        self.origin = origin_of(api_url)
         self.credentials = credentials
         self.token_requests = 0      # for tests: how many tokens were asked for
         self._lock = threading.Lock()
@@ -221,6 +230,10 @@ class RegistryAuth(requests.auth.AuthBase):
         self._scope: str | None = None  # the scope of the last token obtained
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        # Only the registry gets credentials. HttpSource sends later reads of a redirected blob
+        # straight to the storage URL it remembered, through this same session.
+        if origin_of(request.url) != self.origin:
+            return request
         header = self._current_header()
         if header is not None:
             request.headers["Authorization"] = header
@@ -237,7 +250,7 @@ class RegistryAuth(requests.auth.AuthBase):
     def _on_response(self, resp: requests.Response, **send_kwargs) -> requests.Response:
         # Redirect targets (blob storage) keep this hook when requests follows a redirect; their
         # refusals are theirs (HttpSource re-resolves an expired redirect), not a challenge.
-        if resp.status_code != 401 or urlsplit(resp.url).netloc != self.netloc:
+        if resp.status_code != 401 or origin_of(resp.url) != self.origin:
             return resp
         challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
         sent = resp.request.headers.get("Authorization")
@@ -248,7 +261,7 @@ class RegistryAuth(requests.auth.AuthBase):
             rewind_body(retry)   # a streamed upload body is sent again from its start
         retry.headers["Authorization"] = header
         again = resp.connection.send(retry, **send_kwargs)
-        if again.status_code == 401 and urlsplit(again.url).netloc == self.netloc:
+        if again.status_code == 401 and origin_of(again.url) == self.origin:
             detail = _registry_error_detail(again)
             _drain(again)
             raise AuthError(self._refused(detail))

@@ -97,9 +97,9 @@ class RegistryClient:
     def __init__(self, name: RegistryName, *, headers: dict[str, str] | None = None,
                  ca_cert: str | None = None, timeout: float | tuple[float, float] = 30.0):
         self.name = name
-        netloc = api_netloc(name.registry)
-        self.repo_url = f"{api_scheme(name.registry)}://{netloc}/v2/{name.repository}"
-        self.auth = RegistryAuth(name.registry, netloc,
+        api_url = f"{api_scheme(name.registry)}://{api_netloc(name.registry)}"
+        self.repo_url = f"{api_url}/v2/{name.repository}"
+        self.auth = RegistryAuth(name.registry, api_url,
                                  find_credentials(name.registry, name.repository))
         # What every blob source of this repository is opened with (HttpSource's arguments).
         self.source_args = {"headers": headers, "ca_cert": ca_cert, "timeout": timeout,

@@ -413,11 +413,10 @@ def _quote(line: bytes | None) -> str:
 
 def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str | None = None,
               timeout: float | tuple[float, float] = 30,
-              max_bytes: int = MAX_DOCUMENT_BYTES,
-              auth: requests.auth.AuthBase | None = None) -> bytes:
+              max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
     """The whole body of a small document (index.json, manifest, config), at most `max_bytes`."""
     where = redact_url(url)
-    client = _Client(headers, ca_cert, timeout, auth=auth)
+    client = _Client(headers, ca_cert, timeout)
     try:
         with client.send("GET", url, where) as resp:
             if resp.status_code != 200:
