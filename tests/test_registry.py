@@ -478,6 +478,37 @@ def test_registry_destination_pushes_with_a_token(token_registry, small_layout, 
         assert remote.manifest_descriptor == local.manifest_descriptor
 
 
+def test_an_upload_outliving_its_token_is_resent_after_renewal(token_registry, tmp_path,
+                                                              monkeypatch):
+    server, tokens, _ = token_registry
+    monkeypatch.setenv("REGISTRY_AUTH_FILE", write_auth_file(tmp_path / "auth.json",
+                                                             server.host, USER, PASSWORD))
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 * 4096))
+    desc = oci.descriptor_of("application/octet-stream", blob.read_bytes())
+    destination = RegistryDestination(f"oci://{server.host}/private/uploads:{TAG}",
+                                      SourceOptions(), chunk_bytes=4096)
+    issued = tokens.issued
+    tokens.next_token_lifetime_s = 2      # the push token: it expires during the upload
+    started = time.monotonic()
+    sent = []
+
+    def progress(n: int) -> None:
+        if not sent:   # the first PATCH is under way with a valid token: let it expire
+            time.sleep(max(0.0, started + 3.5 - time.monotonic()))
+        sent.append(n)
+
+    try:
+        destination.put_blob(desc, str(blob), progress)
+        assert destination.has_blob(desc)
+    finally:
+        destination.close()
+    # The next PATCH met a 401, got a new token and sent its body again from the start; the
+    # progress callback heard of every byte exactly once.
+    assert tokens.issued == issued + 2
+    assert sum(sent) == desc.size
+
+
 def test_basic_auth_with_good_and_bad_credentials(basic_registry, small_layout, tmp_path,
                                                    monkeypatch):
     server, ref = basic_registry

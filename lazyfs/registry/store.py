@@ -140,7 +140,9 @@ class RegistryDestination:
         location = self._start_upload()
         with open(path, "rb") as f:
             if size <= self.chunk_bytes:
-                body = _FileRegion(f, 0, size, progress)
+                # No body object for an empty blob: requests would send a zero-length stream
+                # chunked, beside our Content-Length: 0.
+                body = _FileRegion(f, 0, size, progress) if size else None
                 self._finish_upload(location, desc.digest, body, size)
                 return
             for start in range(0, size, self.chunk_bytes):
