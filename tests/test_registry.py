@@ -246,7 +246,8 @@ def test_a_wrong_manifest_for_a_digest_is_refused(pushed, registry):
 
 
 class _RewritingProxy(FaultProxy):
-    """FaultProxy forwarding /manifests/A as /manifests/B for each A: B given."""
+    """FaultProxy forwarding /manifests/A as /manifests/B for each A: B given; `seen` also
+    lists each rewritten request as it was forwarded."""
 
     def __init__(self, upstream_url: str, rewrites: dict[str, str]):
         super().__init__(upstream_url)
