@@ -186,7 +186,19 @@ def open_reference(ref: str, *, sources: SourceOptions | None = None,
         if os.path.isfile(ref) and ends_with_footer(ref):
             return LoneBlob(ref)
         return oci_layout.open_image(ref, platform=platform, tmp_dir=tmp_dir)
-    target = _opener(scheme, ref)(ref, sources)
+    remote = open_remote(ref, sources, tmp_dir=tmp_dir)
+    if isinstance(remote, LoneBlob):
+        return remote
+    blobs, index, reference = remote
+    return oci_layout.resolve_in_index(blobs, index, reference, platform)
+
+
+def open_remote(ref: str, sources: SourceOptions, *,
+                tmp_dir: str | None = None) -> tuple[RemoteBlobs, oci.Index, Reference] | LoneBlob:
+    """A remote reference's store (as RemoteBlobs, which closes it), the index to resolve the
+    reference in, and the reference; or a LoneBlob. For callers that need more than the one
+    image open_reference resolves (`lazyfs push` copies whole indexes and signature tags)."""
+    target = _opener(scheme_of(ref), ref)(ref, sources)
     if isinstance(target, LoneBlob):
         return target
     store, reference = target
@@ -196,7 +208,7 @@ def open_reference(ref: str, *, sources: SourceOptions | None = None,
     except BaseException:
         blobs.close()
         raise
-    return oci_layout.resolve_in_index(blobs, index, reference, platform)
+    return blobs, index, reference
 
 
 def _opener(scheme: str, ref: str):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import re
 import stat
 import sys
 import tempfile
@@ -47,7 +46,6 @@ _COPY_BLOCK_BYTES = 1 << 20
 # mkstemp's private 0600 was.
 _PUBLISHED_FILE_MODE = 0o644
 _SIGNATURE_SUFFIX = ".sig"
-_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class PushError(LazyfsError):
@@ -285,9 +283,10 @@ class Target:
 
 
 def parse_destination(dest: str) -> Target:
+    from lazyfs.imageref import scheme_of
     from lazyfs.source import file_url_path
 
-    scheme = _scheme_of(dest)
+    scheme = scheme_of(dest)
     if scheme == "file":
         dest, scheme = file_url_path(dest), None
     if scheme not in (None, "s3", "oci"):
@@ -309,12 +308,6 @@ def parse_destination(dest: str) -> Target:
     if not base or base.endswith(":/"):
         raise PushError(f"{dest}: names no directory, bucket or repository")
     return Target(scheme, base, tag or None)
-
-
-def _scheme_of(ref: str) -> str | None:
-    """The URL scheme of ref (lower case; RFC 3986 allows digits: s3), or None for a path."""
-    match = _SCHEME_RE.match(ref)
-    return match[1].lower() if match else None
 
 
 def open_destination(target: Target, sources=None) -> Destination:
@@ -374,7 +367,7 @@ def open_push_source(ref: str, sources=None) -> PushSource:
     from lazyfs import imageref
     from lazyfs.source import file_url_path
 
-    scheme = _scheme_of(ref)
+    scheme = imageref.scheme_of(ref)
     if scheme == "file":
         ref, scheme = file_url_path(ref), None
     if scheme is None:
@@ -382,17 +375,11 @@ def open_push_source(ref: str, sources=None) -> PushSource:
         if os.path.isdir(reference.path):
             return _open_layout_dir(reference)
         return _open_archive(reference)
-    target = imageref._opener(scheme, ref)(ref, sources or imageref.SourceOptions())
-    if isinstance(target, imageref.LoneBlob):
+    remote = imageref.open_remote(ref, sources or imageref.SourceOptions())
+    if isinstance(remote, imageref.LoneBlob):
         raise FormatError(f"{ref}: a lone blob, not an image (name a layout as URL:TAG)")
-    store, reference = target
-    blobs = imageref.RemoteBlobs(store)
-    try:
-        index = store.index(reference)
-    except BaseException:
-        blobs.close()
-        raise
-    return PushSource(reference, index, blobs, store)
+    blobs, index, reference = remote
+    return PushSource(reference, index, blobs, blobs.store)
 
 
 def _open_layout_dir(reference: Reference) -> PushSource:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -604,3 +605,32 @@ def test_the_conformance_factory_reads_a_registry_blob():
         assert source.read(len(data) - 1, 1) == data[-1:]
     finally:
         cleanup()
+
+
+# --- `lazyfs push` to a registry, end to end -------------------------------------------------
+
+@one_format
+def test_push_of_a_signed_image_to_a_registry_mounts_with_its_signature(image, registry,
+                                                                       tmp_path):
+    """The command line path users take: push copies the image and its signature tag (cosign's
+    `sha256-<hex>.sig`), and a mount from the registry checks that signature."""
+    _, converted, rootfs = image
+    layout = tmp_path / "layout"
+    shutil.copytree(converted, layout)
+    lazyfs("keygen", tmp_path / "k")
+    digest = lazyfs("sign", f"{layout}:{TAG}", "--key", tmp_path / "k.key").stdout.strip()
+    ref = f"oci://{registry.host}/pushed/signed:{TAG}"
+    pushed = lazyfs("push", "--no-progress", f"{layout}:{TAG}", ref)
+    assert pushed.stdout.strip() == ref
+    assert lazyfs("push", "--no-progress", f"{layout}:{TAG}", ref).returncode == 0  # idempotent
+    with open_reference(f"oci://{registry.host}/pushed/signed:sha256-{digest[7:]}.sig") as sig:
+        assert sig.layers[0].media_type == oci.COSIGN_SIMPLE_SIGNING
+    mount_dir = tmp_path / "mnt"
+    with mounted(ref, mount_dir, "--verify-key", tmp_path / "k.pub",
+                 cache_dir=tmp_path / "cache"):
+        assert (mount_dir / "data/big.bin").read_bytes() == BIG
+        assert tree_of(mount_dir / "etc") == tree_of(rootfs / "etc")
+    lazyfs("keygen", tmp_path / "other")
+    refused = lazyfs("verify", "--verify-key", tmp_path / "other.pub", ref, check=False)
+    assert refused.returncode == VerificationError.exit_code
+    assert "does not verify" in refused.stderr
