@@ -18,6 +18,12 @@ if [ -n "$missing" ]; then
   $SUDO apt-get update -qq
   # shellcheck disable=SC2086
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+  # Debian starts a docker-registry service on :5000 when it installs the package; the tests
+  # run their own, so one installed just for them is stopped and disabled again.
+  if echo "$missing" | grep -qx docker-registry && command -v systemctl >/dev/null \
+      && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    $SUDO systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
