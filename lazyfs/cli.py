@@ -160,6 +160,23 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_record_options(record)
     record.set_defaults(run=_cmd_record)
 
+    push = commands.add_parser(
+        "push", help="copy a converted image to a directory, an S3 prefix or a registry",
+        description="Copy IMAGE (an OCI layout DIR[:TAG|@DIGEST] or an oci-archive) to DEST: "
+                    "DIR[:TAG] (creates or updates an OCI layout, for a web server or CDN to "
+                    "serve), s3://BUCKET/PREFIX/LAYOUT[:TAG] or oci://REGISTRY/REPO[:TAG]. "
+                    "Blobs go first and are skipped when already there, then manifests, then "
+                    "the tag (DEST's, else IMAGE's), so readers never see a partial image. "
+                    "Signatures (cosign's sha256-<hex>.sig tags) are copied along. Prints the "
+                    "reference to mount.")
+    push.add_argument("image", help="OCI layout DIR[:TAG|@DIGEST] or oci-archive")
+    push.add_argument("destination", help="DIR[:TAG], s3://BUCKET/PREFIX/LAYOUT[:TAG] or "
+                                          "oci://REGISTRY/REPO[:TAG]")
+    push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bar (default: on a terminal)")
+    _add_source_options(push)
+    push.set_defaults(run=_cmd_push)
+
     umount = commands.add_parser("umount", help="unmount (also clears the mount of a dead daemon)")
     umount.add_argument("mountpoint")
     umount.set_defaults(run=_cmd_umount)
@@ -476,6 +493,16 @@ def _cmd_sign(args) -> int:
     print(f"signed manifest {result.manifest_digest}: {result.layout}:{result.tag} holds "
           f"{result.signature_count} signature(s)", file=sys.stderr)
     print(result.manifest_digest)
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from lazyfs.push import push
+
+    result = push(args.image, args.destination, sources=_source_options(args),
+                  progress=args.progress)
+    print(f"pushed {args.image} to {args.destination}: {result.summary()}", file=sys.stderr)
+    print(result.reference)
     return 0
 
 

@@ -16,8 +16,9 @@ What one claim set (a job) costs the source: the chunks not in the disk cache be
 (rangeplan), merged when close and grouped into multi-range requests, each request run under a
 per-source PriorityLimiter (priority.py) and retried with backoff (retry.py). A request streams:
 in its worker thread each member is cut out of the answer, inflated and verified as soon as its
-last byte is in, and its waiters are woken then, so a reader of the first prioritized file does
-not wait for the whole prefetch. A retry asks only for the members not yet delivered.
+last byte is in, and its waiters are woken then (the disk cache write comes after, off their
+path), so a reader of the first prioritized file does not wait for the whole prefetch. A retry
+asks only for the members not yet delivered.
 
 Readahead: a read that starts a file or continues the previous read of it also claims the next
 chunks (up to FetchOptions.readahead_bytes past its end) into the same request. The kernel
@@ -493,11 +494,16 @@ class ChunkFetcher:
                     trio.from_thread.run_sync(self._deliver, layer, outcomes, unreported_bytes,
                                               priority)
                     unreported_bytes = 0
+                    # Readers have their bytes: the disk cache write is off their path.
+                    for chunk, _, outcome in outcomes:
+                        if chunk.digest and not isinstance(outcome, BaseException):
+                            self._store(chunk.digest, outcome)
         finally:
             pieces.close()
 
     def _decode(self, layer, chunk: Chunk, member: bytes):
-        """The chunk's verified bytes, or the LazyfsError that makes them unusable."""
+        """The chunk's verified bytes, or the LazyfsError that makes them unusable. The caller
+        caches them (after handing them to their readers)."""
         try:
             data = layer.codec.decompress_prefix(member, chunk.inner_offset + chunk.size)
             data = data[chunk.inner_offset:]
@@ -507,7 +513,6 @@ class ChunkFetcher:
                     raise VerificationError(
                         f"{layer.spec.label}: chunk at blob offset {chunk.blob_offset} has "
                         f"digest {actual}, the TOC says {chunk.digest}")
-                self._store(chunk.digest, data)
             elif layer.verified:
                 # A verified layer without a chunk digest cannot be served: that is the rule.
                 raise VerificationError(f"{layer.spec.label}: chunk at blob offset "

@@ -96,8 +96,10 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
             annotations = desc.annotations or {}
             position = (annotations.get(zstdchunked.ANNOTATION_MANIFEST_POSITION)
                         or annotations.get(zstdchunked.STORAGE_ANNOTATION_MANIFEST_POSITION))
+            prefetch_end = _decimal(annotations.get(oci.ANNOTATION_PREFETCH_END))
             specs.append(LayerSpec(source=image.blobs.open_source(desc), toc_digest=toc_digest,
-                                   label=desc.digest, blob_size=desc.size, toc_position=position))
+                                   label=desc.digest, blob_size=desc.size, toc_position=position,
+                                   prefetch_end=prefetch_end))
     except BaseException:
         close()
         raise
@@ -105,3 +107,10 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
     description = {"image": name, "tag": image.tag, "manifest": image.manifest_descriptor.digest,
                    "verified": verified}
     return MountImage(specs, description, close, config=image.config)
+
+
+def _decimal(text: str | None) -> int | None:
+    """A hint annotation's number; None when absent or not a plain decimal."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    return int(text)

@@ -218,6 +218,8 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
+        if options.fetch.prefetch:
+            _start_speculative_prefetch(image.layers, cache)
         # Again after a transient failure: a layer already opened comes from the TOC cache.
         layers = _retried(lambda: open_layers(image.layers, cache), options)
         tree = build_tree([layer.entries for layer in layers])
@@ -237,14 +239,36 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         raise
 
 
+def _start_speculative_prefetch(specs, cache) -> None:
+    """Start downloading each remote layer's prioritized files now, side by side with the TOC
+    fetch (lazyfs/source/speculative.py). Only on a cold mount: a cached TOC means the layer
+    was mounted before, and its prefetched chunks are likely in the cache already."""
+    from lazyfs.source.file import FileSource
+    from lazyfs.source.speculative import SpeculativeSource
+
+    for spec in specs:
+        if (spec.prefetch_end and not isinstance(spec.source, FileSource)
+                and not (spec.toc_digest and cache.has_toc(spec.toc_digest))):
+            spec.source = SpeculativeSource(spec.source, spec.prefetch_end)
+
+
 def resolve_image(ref: str, options: MountOptions):
-    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config."""
+    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config.
+
+    Resolving a remote image is a few round trips of waiting; meanwhile a thread imports what
+    serving the mount needs (trio, pyfuse3, the fetcher: ~0.1 s of a cold start)."""
     from lazyfs.image import resolve_mount_image
 
-    return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
-                                                insecure=options.insecure,
-                                                sources=options.source_options(),
-                                                verify_keys=options.verify_keys), options)
+    importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
+                                daemon=True)
+    importer.start()
+    try:
+        return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
+                                                    insecure=options.insecure,
+                                                    sources=options.source_options(),
+                                                    verify_keys=options.verify_keys), options)
+    finally:
+        importer.join()  # no thread may be running when `mount` forks the daemon
 
 
 def _retried(attempt, options: MountOptions):
@@ -256,6 +280,21 @@ def _retried(attempt, options: MountOptions):
         log.warning("opening the image: retry %d in %.2f s: %s", retry + 1, delay_s, exc)
 
     return retrying_blocking(attempt, options.fetch.retry, on_retry=on_retry)
+
+
+# What a mount daemon imports before it serves (open_session, _serve).
+_SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.fs",
+                    "lazyfs.layer", "lazyfs.prefetch", "lazyfs.tree")
+
+
+def _import_serving_modules() -> None:
+    import importlib
+
+    try:
+        for name in _SERVING_MODULES:
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - the real import, later, reports it
+        log.debug("preloading the serving modules failed", exc_info=True)
 
 
 def close_image(image) -> None:

@@ -47,6 +47,7 @@ def test_scheme_of():
     assert scheme_of("layout:tag") is None
     assert scheme_of("HTTP://h/x") == "http"
     assert scheme_of("oci://registry/repo:tag") == "oci"
+    assert scheme_of("s3://bucket/prefix/layout:tag") == "s3"
     assert scheme_of("a b://x") is None
 
 

@@ -51,6 +51,11 @@ LAYER_MEDIA_TYPES = frozenset({
 ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 # Size in bytes of the decompressed layer, as a decimal string (containers/image's name).
 ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+# lazyfs' own hint: the blob offset where a layer's prioritized files end (its
+# `.prefetch.landmark` member), as a decimal string. A mount starts downloading [0, offset)
+# while it fetches the TOC; the bytes are verified against the TOC like any others, so a wrong
+# value costs a bounded useless download, never a wrong byte. Absent: nothing is prioritized.
+ANNOTATION_PREFETCH_END = "dev.lazyfs.prefetch.end-offset"
 # The tag of a manifest inside an OCI layout's index.json.
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 # The layers of a cosign signature manifest (lazyfs.signing): signed JSON payloads.
