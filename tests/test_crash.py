@@ -83,8 +83,9 @@ def test_kill_9_mid_fetch_then_umount_and_remount_reads_right(crash_layout, ngin
             with mounted(image, mount_dir, "--no-prefetch", "--no-background-fetch",
                          cache_dir=cache_dir) as daemon:
                 assert direct_read(mount_dir / "big.bin", 0, READ_BEFORE) == big[:READ_BEFORE]
-                before = len(cached_chunks(cache_dir))
-                assert before >= READ_BEFORE // CHUNK
+                # (The fetcher writes a chunk to the disk cache just after handing it to its
+                # readers: wait for the writes.)
+                before = _wait_for_chunks(cache_dir, READ_BEFORE // CHUNK)
 
                 # A sequential read: the rest of its request is readahead, ~9 chunks in one
                 # answer, of which the proxy sends half and then nothing.
@@ -144,6 +145,14 @@ def test_kill_9_mid_fetch_then_umount_and_remount_reads_right(crash_layout, ngin
     finally:
         if os.path.ismount(mount_dir) or _is_dead_mount(mount_dir):
             subprocess.run(["fusermount3", "-u", "-z", str(mount_dir)], capture_output=True)
+
+
+def _wait_for_chunks(cache_dir: Path, at_least: int, timeout_s: float = 10) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (count := len(cached_chunks(cache_dir))) < at_least:
+        assert time.monotonic() < deadline, f"{count} chunks cached, not {at_least}"
+        time.sleep(0.02)
+    return count
 
 
 def _read_or_error(path: Path, offset: int, size: int):

@@ -347,8 +347,15 @@ class _BodyReader:
         self._got = 0  # body bytes received so far, for messages
 
     def _raw_read(self, limit_bytes: int) -> bytes:
+        # read1: what has arrived (one socket read), not `limit_bytes` in full. A plain read
+        # waits until the whole block is in, so a member that arrived would wait for bytes
+        # after it, and when the server stalls mid-block the bytes received so far are lost
+        # with the timeout instead of being delivered (a retry then refetches them).
+        # (urllib3 < 2 has no read1: read.)
+        raw = self._resp.raw
+        read = getattr(raw, "read1", None) or raw.read
         try:
-            part = self._resp.raw.read(limit_bytes, decode_content=False)
+            part = read(limit_bytes, decode_content=False)
         except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
                 OSError) as exc:
             # Read timeouts and connections cut mid-body (urllib3 raises IncompleteRead when
