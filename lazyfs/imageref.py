@@ -158,7 +158,9 @@ _OPENERS = {
 def scheme_of(ref: str) -> str | None:
     """The URL scheme of ref (lower case), or None for a plain path."""
     head, sep, _ = ref.partition("://")
-    if not sep or not head.isascii() or not head.isalpha():
+    # RFC 3986: a letter, then letters, digits, "+", "-" or "." ("s3" has a digit).
+    if not sep or not head.isascii() or not head[:1].isalpha() or not all(
+            char.isalnum() or char in "+-." for char in head):
         return None
     return head.lower()
 

@@ -24,10 +24,11 @@ from lazyfs.errors import FetchError, LazyfsError, NotFound, RangeNotSupported
 from lazyfs.source import check_range
 from lazyfs.source.http import POOL_CONNECTIONS, redact_url
 
-# botocore logs every request's headers at DEBUG, session tokens included; `lazyfs --debug`
-# turns on DEBUG for every logger, and a debug log must never hold a secret.
+# botocore logs every request's headers at DEBUG, session tokens included, and `lazyfs --debug`
+# turns on DEBUG for every logger: a debug log must never hold a secret. (Its INFO lines, such
+# as where credentials were found, would only clutter a command's one-line error.)
 for _name in ("botocore", "boto3", "s3transfer"):
-    logging.getLogger(_name).setLevel(logging.INFO)
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 log = logging.getLogger(__name__)
 
