@@ -28,7 +28,7 @@ from lazyfs.s3 import S3Layout, open_s3_layout
 from lazyfs.source.s3 import S3Source
 from tests.faultproxy import FaultProxy
 from tests.mounting import mounted
-from tests.s3server import ACCESS_KEY_ID, SECRET_ACCESS_KEY
+from tests.s3server import SECRET_ACCESS_KEY
 from tests.servers import (NoHeadServer, NoRangeServer, ShortBodyServer, SilentServer,
                            WrongContentRangeServer)
 from tests.tarbuild import tree_of
@@ -383,7 +383,7 @@ def test_bad_s3_urls_are_clear_errors():
             S3Source(url, endpoint_url="http://127.0.0.1:1")
 
 
-# --- S3Layout as the LayoutStore of `lazyfs push` --------------------------------------------------
+# --- S3Layout as the LayoutStore of `lazyfs push` ---------------------------------------------
 
 def test_layout_store_round_trip(s3, tmp_path):
     server, bucket = s3
