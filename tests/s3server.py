@@ -110,13 +110,6 @@ class MotoS3Server:
                             aws_access_key_id=access_key_id,
                             aws_secret_access_key=secret_access_key)
 
-    def upload_tree(self, directory: str | os.PathLike, bucket: str, prefix: str) -> None:
-        """Every file under `directory` as `prefix/relative/path` (an OCI layout, say)."""
-        client = self.client()
-        root = Path(directory)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root)}")
-
     # -- auth -----------------------------------------------------------------------------
 
     def set_auth(self, enforced: bool) -> None:

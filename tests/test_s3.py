@@ -270,19 +270,27 @@ def _env_with(key_id: str | None, secret: str | None) -> dict[str, str]:
 
 
 @ONE_FORMAT
-def test_a_bucket_that_denies_access_is_a_clear_error_without_secrets(published):
+def test_a_bucket_that_denies_access_is_a_clear_error_without_secrets(published, tmp_path):
     server, bucket = published.server, published.bucket
     suffix = bucket.rsplit("-", 1)[1]
     reader = _iam_user(server, f"reader-{suffix}", [f"arn:aws:s3:::{bucket}/*"])
     outsider = _iam_user(server, f"outsider-{suffix}", ["arn:aws:s3:::elsewhere/*"])
     inspect = ("inspect", "--s3-endpoint", published.endpoint, published.ref)
+    # The reader's keys also as a named profile of a credentials file: the standard chain.
+    credentials_file = tmp_path / "credentials"
+    credentials_file.write_text(f"[reader]\naws_access_key_id = {reader[0]}\n"
+                                f"aws_secret_access_key = {reader[1]}\n")
+    by_profile = _env_with(None, None) | {"AWS_SHARED_CREDENTIALS_FILE": str(credentials_file),
+                                          "AWS_PROFILE": "reader"}
     with server.enforce_auth():
         # The control: s3:GetObject alone is enough to read an image (no listing needed).
         allowed = lazyfs(*inspect, env=_env_with(*reader))
+        allowed_by_profile = lazyfs(*inspect, env=by_profile)
         denied = lazyfs(*inspect, env=_env_with(*outsider), check=False)
         unknown = lazyfs(*inspect, env=_env_with("AKIAUNKNOWNKEY000000", "not-the-secret"),
                          check=False)
     assert published.manifest_digest in allowed.stdout
+    assert published.manifest_digest in allowed_by_profile.stdout
     assert denied.returncode == FetchError.exit_code
     assert f"s3://{bucket}/images/layout/index.json" in denied.stderr
     assert "access denied" in denied.stderr and "s3:GetObject" in denied.stderr
@@ -299,6 +307,10 @@ def test_no_credentials_at_all_is_a_clear_error(s3):
                   env=_env_with(None, None), check=False)
     assert done.returncode == FetchError.exit_code
     assert "no usable AWS credentials" in done.stderr and bucket in done.stderr
+    no_profile = lazyfs("inspect", "--s3-endpoint", server.url, f"s3://{bucket}/layout:{TAG}",
+                        env=_env_with(None, None) | {"AWS_PROFILE": "nonesuch"}, check=False)
+    assert no_profile.returncode == FetchError.exit_code
+    assert "nonesuch" in no_profile.stderr and len(no_profile.stderr.splitlines()) == 1
 
 
 def test_debug_output_holds_no_secret(s3, monkeypatch):

@@ -81,9 +81,9 @@ def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
 
     connect_s, read_s = (tuple(timeout) if isinstance(timeout, (tuple, list))
                          else (timeout, timeout))
-    core_session, session = _shared_sessions()
     s3_settings = {}
     try:
+        core_session, session = _shared_sessions()
         scoped = core_session.get_scoped_config()
     except botocore.exceptions.BotoCoreError as exc:  # a missing AWS_PROFILE, a bad config file
         raise FetchError(f"S3: AWS configuration: {exc}") from exc
