@@ -62,10 +62,11 @@ def parse_s3_url(url: str, *, key_required: bool = True) -> tuple[str, str]:
     return bucket, key
 
 
-def endpoint_configured(endpoint_url: str | None) -> bool:
-    """Whether the store is S3-compatible rather than AWS (the flag or botocore's variables)."""
+def endpoint_configured(endpoint_url: str | None, profile: dict) -> bool:
+    """Whether the store is S3-compatible rather than AWS: an endpoint from the flag, botocore's
+    variables, or the profile's `endpoint_url`."""
     return bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))
+                or os.environ.get("AWS_ENDPOINT_URL") or profile.get("endpoint_url"))
 
 
 def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
@@ -87,7 +88,7 @@ def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
         scoped = core_session.get_scoped_config()
     except botocore.exceptions.BotoCoreError as exc:  # a missing AWS_PROFILE, a bad config file
         raise FetchError(f"S3: AWS configuration: {exc}") from exc
-    if endpoint_configured(endpoint_url) and "addressing_style" not in scoped.get("s3", {}):
+    if endpoint_configured(endpoint_url, scoped) and "addressing_style" not in scoped.get("s3", {}):
         # S3-compatible servers all take path-style URLs (http://host/bucket/key), while
         # virtual-hosted ones (http://bucket.host/key) need wildcard DNS that most setups
         # lack. An explicit `s3 = addressing_style = ...` in the AWS config still wins.
