@@ -389,6 +389,28 @@ def test_a_cut_connection_and_a_timeout_are_retriable(s3):
         assert info.value.retriable
 
 
+def test_path_style_urls_for_an_s3_compatible_endpoint(s3):
+    server, bucket = s3
+    server.client().put_object(Bucket=bucket, Key="dir/blob", Body=b"0123456789")
+    # A host name, not an IP: path-style (http://localhost:PORT/BUCKET/KEY), as docs/s3.md
+    # says, since virtual-hosted URLs (http://BUCKET.localhost/...) would need wildcard DNS.
+    endpoint = server.url.replace("127.0.0.1", "localhost")
+    with S3Source(f"s3://{bucket}/dir/blob", endpoint_url=endpoint) as source:
+        assert source.read(2, 3) == b"234"
+    assert [(r.bucket, r.key, r.range) for r in server.requests() if r.method == "GET"] == [
+        (bucket, "dir/blob", "bytes=2-4")]
+
+
+def test_the_pool_follows_the_fetchers_connections(s3):
+    server, bucket = s3
+    server.client().put_object(Bucket=bucket, Key="blob", Body=b"x" * 1000)
+    with S3Source(f"s3://{bucket}/blob", endpoint_url=server.url) as source:
+        assert source.read(0, 10) == b"x" * 10
+        source.set_pool_size(24)
+        assert source._client.meta.config.max_pool_connections == 24
+        assert source.read(10, 10) == b"x" * 10
+
+
 def test_bad_s3_urls_are_clear_errors():
     for url in ("s3://", "s3:///key", "s3://bucket", "s3://bucket/", "s3://bucket/dir/"):
         with pytest.raises(FetchError, match="s3://"):

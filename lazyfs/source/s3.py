@@ -15,7 +15,6 @@ worker threads; its connection pool is sized to the fetcher's connections (`set_
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -62,13 +61,6 @@ def parse_s3_url(url: str, *, key_required: bool = True) -> tuple[str, str]:
     return bucket, key
 
 
-def endpoint_configured(endpoint_url: str | None, profile: dict) -> bool:
-    """Whether the store is S3-compatible rather than AWS: an endpoint from the flag, botocore's
-    variables, or the profile's `endpoint_url`."""
-    return bool(endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL") or profile.get("endpoint_url"))
-
-
 def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
                 max_connections: int, *, attempts: int = 1):
     """A boto3 S3 client: thread-safe, `max_connections` pooled connections, `attempts` tries
@@ -82,17 +74,13 @@ def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
 
     connect_s, read_s = (tuple(timeout) if isinstance(timeout, (tuple, list))
                          else (timeout, timeout))
-    s3_settings = {}
     try:
+        # Reading the profile here turns a missing AWS_PROFILE or a broken config file into
+        # one clear error, before any request.
         core_session, session = _shared_sessions()
-        scoped = core_session.get_scoped_config()
-    except botocore.exceptions.BotoCoreError as exc:  # a missing AWS_PROFILE, a bad config file
+        core_session.get_scoped_config()
+    except botocore.exceptions.BotoCoreError as exc:
         raise FetchError(f"S3: AWS configuration: {exc}") from exc
-    if endpoint_configured(endpoint_url, scoped) and "addressing_style" not in scoped.get("s3", {}):
-        # S3-compatible servers all take path-style URLs (http://host/bucket/key), while
-        # virtual-hosted ones (http://bucket.host/key) need wildcard DNS that most setups
-        # lack. An explicit `s3 = addressing_style = ...` in the AWS config still wins.
-        s3_settings["addressing_style"] = "path"
     config = botocore.config.Config(
         connect_timeout=connect_s, read_timeout=read_s,
         max_pool_connections=max(1, max_connections),
@@ -102,7 +90,7 @@ def make_client(endpoint_url: str | None, timeout: float | tuple[float, float],
         # byte lazyfs uses is checked against its digest anyway.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
-        user_agent_extra="lazyfs", s3=s3_settings or None)
+        user_agent_extra="lazyfs")
     try:
         with _session_lock:  # botocore sessions are not thread-safe; the clients they make are
             return session.client("s3", endpoint_url=endpoint_url or None, config=config)
