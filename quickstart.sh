@@ -8,9 +8,10 @@ cd "$(dirname "$0")"
 # interoperability tests build the reference implementation. skopeo/umoci: the image tests make
 # real docker-archive and oci-archive inputs with them. nginx-light: the HTTP tests serve images
 # with it. busybox-static: the demo image's program. crun: `lazyfs run --runtime crun` and its
-# tests.
+# tests. docker-registry: the registry tests push images into it (with skopeo) and mount them.
 APT_PACKAGES="python3 python3-venv python3-dev gcc pkg-config tar gzip zstd fuse3 libfuse3-dev
-  golang-go golang-github-containerd-stargz-snapshotter-dev skopeo umoci nginx-light busybox-static crun"
+  golang-go golang-github-containerd-stargz-snapshotter-dev skopeo umoci nginx-light busybox-static crun
+  docker-registry"
 missing=$(for p in $APT_PACKAGES; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
   SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)

@@ -16,10 +16,10 @@ from typing import Callable
 
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci, zstdchunked
-from lazyfs.imageref import LoneBlob, SourceOptions, open_reference, pinned_reference
+from lazyfs.imageref import LoneBlob, SourceOptions, open_reference
 from lazyfs.layer import LayerSpec
 
-__all__ = ["MountImage", "SourceOptions", "resolve_mount_image", "resolve_image_config"]
+__all__ = ["MountImage", "SourceOptions", "resolve_mount_image"]
 
 
 @dataclass
@@ -32,12 +32,41 @@ class MountImage:
 
 
 def resolve_mount_image(ref: str, *, toc_digest: str | None = None, insecure: bool = False,
-                        sources: SourceOptions | None = None) -> MountImage:
+                        sources: SourceOptions | None = None,
+                        verify_keys: tuple[str, ...] = ()) -> MountImage:
+    """`verify_keys`: refuse the image unless one of these public keys signed its manifest
+    (lazyfs.signing); a signed manifest only protects layers whose TOC it pins, so no
+    --insecure-skip-verify then."""
     sources = sources or SourceOptions()
     target = open_reference(ref, sources=sources)
     if isinstance(target, LoneBlob):
+        _refuse_keys_for_lone_blob(target, verify_keys)
         return _lone_blob(target.location, sources.open(target.location), toc_digest, insecure)
-    return _from_image(target, ref, insecure)
+    signed_by = _check_signed(target, verify_keys, sources)
+    image = _from_image(target, ref, insecure and not verify_keys)
+    if signed_by is not None:
+        image.description["signed_by"] = signed_by
+    return image
+
+
+def _check_signed(image, verify_keys: tuple[str, ...], sources: SourceOptions) -> str | None:
+    """The key that signed image, None when no key is asked for; closes image on refusal."""
+    if not verify_keys:
+        return None
+    from lazyfs import signing   # cryptography is imported only by those who verify
+
+    try:
+        return signing.check_signed(image, verify_keys, sources)
+    except BaseException:
+        image.close()
+        raise
+
+
+def _refuse_keys_for_lone_blob(target: LoneBlob, verify_keys: tuple[str, ...]) -> None:
+    if verify_keys:
+        from lazyfs import signing
+
+        raise signing.require_image_for_keys(target.location)
 
 
 def _lone_blob(location: str, source, toc_digest: str | None, insecure: bool) -> MountImage:
@@ -67,8 +96,10 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
             annotations = desc.annotations or {}
             position = (annotations.get(zstdchunked.ANNOTATION_MANIFEST_POSITION)
                         or annotations.get(zstdchunked.STORAGE_ANNOTATION_MANIFEST_POSITION))
+            prefetch_end = _decimal(annotations.get(oci.ANNOTATION_PREFETCH_END))
             specs.append(LayerSpec(source=image.blobs.open_source(desc), toc_digest=toc_digest,
-                                   label=desc.digest, blob_size=desc.size, toc_position=position))
+                                   label=desc.digest, blob_size=desc.size, toc_position=position,
+                                   prefetch_end=prefetch_end))
     except BaseException:
         close()
         raise
@@ -78,20 +109,8 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
     return MountImage(specs, description, close, config=image.config)
 
 
-# --- the config alone, for `lazyfs run` ----------------------------------------------------------
-
-def resolve_image_config(ref: str, *,
-                         sources: SourceOptions | None = None) -> tuple[dict | None, str]:
-    """The image config `ref` names, and `ref` pinned to the manifest that config came from.
-
-    `lazyfs run` needs the config in the foreground while the mount daemon resolves the image
-    on its own: mounting the pinned reference (LAYOUT@sha256:...) guarantees that the config
-    and the layers belong to one manifest even if the tag moves in between. Only index,
-    manifest and config are read: no layer is opened, fetched or copied out of an archive.
-    A lone blob has no config: (None, ref), unchanged.
-    """
-    target = open_reference(ref, sources=sources or SourceOptions())
-    if isinstance(target, LoneBlob):
-        return None, ref
-    with target:
-        return target.config, pinned_reference(target)
+def _decimal(text: str | None) -> int | None:
+    """A hint annotation's number; None when absent or not a plain decimal."""
+    if text is None or not (text.isascii() and text.isdigit()) or len(text) > 19:
+        return None
+    return int(text)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -155,12 +156,14 @@ _OPENERS = {
 }
 
 
+# RFC 3986: a letter, then letters, digits, "+", "-" or "." (s3, oci, git+ssh, ...).
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
 def scheme_of(ref: str) -> str | None:
     """The URL scheme of ref (lower case), or None for a plain path."""
     head, sep, _ = ref.partition("://")
-    # RFC 3986: a letter, then letters, digits, "+", "-" or "." ("s3" has a digit).
-    if not sep or not head.isascii() or not head[:1].isalpha() or not all(
-            char.isalnum() or char in "+-." for char in head):
+    if not sep or not _SCHEME_RE.fullmatch(head):
         return None
     return head.lower()
 
@@ -183,7 +186,19 @@ def open_reference(ref: str, *, sources: SourceOptions | None = None,
         if os.path.isfile(ref) and ends_with_footer(ref):
             return LoneBlob(ref)
         return oci_layout.open_image(ref, platform=platform, tmp_dir=tmp_dir)
-    target = _opener(scheme, ref)(ref, sources)
+    remote = open_remote(ref, sources, tmp_dir=tmp_dir)
+    if isinstance(remote, LoneBlob):
+        return remote
+    blobs, index, reference = remote
+    return oci_layout.resolve_in_index(blobs, index, reference, platform)
+
+
+def open_remote(ref: str, sources: SourceOptions, *,
+                tmp_dir: str | None = None) -> tuple[RemoteBlobs, oci.Index, Reference] | LoneBlob:
+    """A remote reference's store (as RemoteBlobs, which closes it), the index to resolve the
+    reference in, and the reference; or a LoneBlob. For callers that need more than the one
+    image open_reference resolves (`lazyfs push` copies whole indexes and signature tags)."""
+    target = _opener(scheme_of(ref), ref)(ref, sources)
     if isinstance(target, LoneBlob):
         return target
     store, reference = target
@@ -193,7 +208,7 @@ def open_reference(ref: str, *, sources: SourceOptions | None = None,
     except BaseException:
         blobs.close()
         raise
-    return oci_layout.resolve_in_index(blobs, index, reference, platform)
+    return blobs, index, reference
 
 
 def _opener(scheme: str, ref: str):

@@ -82,9 +82,11 @@ def _layer_checks(image) -> Iterator[tuple[LayerCheck, str]]:
         if size is not None and not (size.isascii() and size.isdigit()):
             raise FormatError(f"layer {descriptor.digest}: {oci.ANNOTATION_UNCOMPRESSED_SIZE} "
                               f"is not a decimal size: {size[:40]!r}")
+        # Unverified path: verify_layer checks the blob digest itself, last, after the TOC and
+        # the chunks, so a damaged layer is reported by its first bad chunk (and hashed once).
         yield (LayerCheck(toc_digest=toc_digest, blob_digest=descriptor.digest, diff_id=diff_id,
                           uncompressed_size=None if size is None else int(size)),
-               image.blob_path(descriptor))
+               image.blobs.unverified_path(descriptor))
 
 
 def print_report(report: dict, out: TextIO) -> None:
@@ -106,13 +108,19 @@ def print_report(report: dict, out: TextIO) -> None:
 
 
 def verify_target(target: str, toc_digest: str | None,
-                  sources: SourceOptions | None = None) -> Iterator[str]:
+                  sources: SourceOptions | None = None,
+                  verify_keys: tuple[str, ...] = ()) -> Iterator[str]:
     """Verify every layer, yielding one line per verified layer; raises on the first failure.
 
-    Every byte is checked, so remote layers are copied to temporary files first.
+    Every byte is checked, so remote layers are copied to temporary files first. With
+    `verify_keys`, the manifest's signature is checked first (lazyfs.signing).
     """
+    if verify_keys:
+        from lazyfs import signing   # cryptography is imported only by those who verify
     sources = sources or SourceOptions()
     image = open_reference(target, sources=sources)
+    if isinstance(image, LoneBlob) and verify_keys:
+        raise signing.require_image_for_keys(image.location)
     if isinstance(image, LoneBlob):
         with _local_copy(image.location, sources) as path:
             report = verify_layer(path, LayerCheck(toc_digest=toc_digest))
@@ -121,6 +129,9 @@ def verify_target(target: str, toc_digest: str | None,
                f"TOC {report.toc_digest} {pinned}")
         return
     with image:
+        if verify_keys:
+            key_path = signing.check_signed(image, verify_keys, sources)
+            yield f"ok signature of manifest {image.manifest_descriptor.digest}: {key_path}"
         for number, (check, blob_path) in enumerate(_layer_checks(image), 1):
             report = verify_layer(blob_path, check)
             yield (f"ok layer {number} {check.blob_digest}: {report.entries} entries, "

@@ -13,7 +13,7 @@ import pytest
 
 from lazyfs.errors import FetchError, VerificationError
 from lazyfs.format import oci
-from lazyfs.image import resolve_image_config
+from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import LoneBlob, open_reference, pinned_reference, scheme_of
 from lazyfs.oci_layout import open_image
 from tests.testimage import TAG
@@ -47,6 +47,7 @@ def test_scheme_of():
     assert scheme_of("layout:tag") is None
     assert scheme_of("HTTP://h/x") == "http"
     assert scheme_of("oci://registry/repo:tag") == "oci"
+    assert scheme_of("s3://bucket/prefix/layout:tag") == "s3"
     assert scheme_of("a b://x") is None
 
 
@@ -58,8 +59,12 @@ def test_a_remote_image_resolves_like_the_local_one(served):
         assert remote.tag == TAG
         pinned = pinned_reference(remote)
     assert pinned == f"{url.rsplit(':', 1)[0]}@{local.manifest_descriptor.digest}"
-    config, pinned_again = resolve_image_config(url)
-    assert pinned_again == pinned and config == local.config
+    mount_image = resolve_mount_image(pinned)
+    try:
+        assert mount_image.config == local.config
+        assert mount_image.description["manifest"] == local.manifest_descriptor.digest
+    finally:
+        mount_image.close()
 
 
 def test_inspect_of_a_remote_image_reads_only_footers_and_tocs(served):
