@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from lazyfs.errors import FetchError, NotFound
+from lazyfs.errors import FormatError, NotFound
 from lazyfs.format import oci
 from lazyfs.format.oci import Descriptor
 from lazyfs.imageref import LoneBlob, SourceOptions, split_layout_url
@@ -37,16 +37,16 @@ class S3Layout:
     LayoutStore for writing (lazyfs push). Keys are relative to the layout: "index.json",
     "blobs/sha256/<hex>". Thread-safe."""
 
-    def __init__(self, base_url: str, *, endpoint_url: str | None = None,
-                 timeout: float | tuple[float, float] = 30,
+    def __init__(self, base_url: str, sources: SourceOptions | None = None,
                  max_connections: int = POOL_CONNECTIONS):
+        sources = sources or SourceOptions()
         base_url = base_url.rstrip("/")
         self.name = base_url
         self.bucket, self.prefix = parse_s3_url(base_url, key_required=False)
-        self._endpoint_url = endpoint_url
-        self._timeout = timeout
+        self._endpoint_url = sources.s3_endpoint
+        self._timeout = sources.timeout
         self._max_connections = max_connections
-        self._client = make_client(endpoint_url, timeout, max_connections,
+        self._client = make_client(self._endpoint_url, self._timeout, max_connections,
                                    attempts=STORE_ATTEMPTS)
 
     def object_key(self, key: str) -> str:
@@ -88,7 +88,8 @@ class S3Layout:
         return int(reply["ContentLength"])
 
     def get(self, key: str, max_bytes: int) -> bytes | None:
-        """The whole object (at most `max_bytes`), or None when there is no such key."""
+        """The whole object, or None when there is no such key; FormatError beyond
+        `max_bytes` (a document that big is not one lazyfs wrote)."""
         where = self.url(key)
         try:
             reply = self._client.get_object(Bucket=self.bucket, Key=self.object_key(key))
@@ -99,8 +100,8 @@ class S3Layout:
         body = reply["Body"]
         try:
             if int(reply.get("ContentLength", 0)) > max_bytes:
-                raise FetchError(f"{where}: {reply['ContentLength']} bytes, more than the "
-                                 f"{max_bytes} bytes allowed")
+                raise FormatError(f"{where}: {reply['ContentLength']} bytes, more than the "
+                                  f"{max_bytes} bytes allowed")
             try:
                 data = body.read(max_bytes + 1)
             except Exception as exc:
@@ -108,7 +109,7 @@ class S3Layout:
         finally:
             body.close()
         if len(data) > max_bytes:
-            raise FetchError(f"{where}: more than the {max_bytes} bytes allowed")
+            raise FormatError(f"{where}: more than the {max_bytes} bytes allowed")
         return data
 
     def put_file(self, key: str, path: str, progress: Callable[[int], None]) -> None:
@@ -151,10 +152,8 @@ def _unwrap_upload_error(exc: BaseException) -> BaseException:
     return exc
 
 
-def open_s3_layout(url: str, sources: SourceOptions | None = None) -> S3Layout:
-    """The layout at `s3://BUCKET/PREFIX` (a push destination: no tag, trailing slash optional)."""
-    sources = sources or SourceOptions()
-    return S3Layout(url, endpoint_url=sources.s3_endpoint, timeout=sources.timeout)
+# The name lazyfs.push imports: the same class, constructed as S3PushStore(base_url, sources).
+S3PushStore = S3Layout
 
 
 def open_s3_store(ref: str, sources: SourceOptions) -> tuple[S3Layout, Reference] | LoneBlob:
@@ -162,5 +161,4 @@ def open_s3_store(ref: str, sources: SourceOptions) -> tuple[S3Layout, Reference
     base, tag, digest = split_layout_url(ref)
     if base is None:
         return LoneBlob(ref)
-    store = open_s3_layout(base, sources)
-    return store, Reference(base, tag, digest)
+    return S3Layout(base, sources), Reference(base, tag, digest)

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from lazyfs.blobfile import LocalBlob, SeekableLayer
-from lazyfs.errors import FetchError, NotFound, RangeNotSupported
+from lazyfs.errors import FetchError, FormatError, NotFound, RangeNotSupported
 from lazyfs.format import oci
 from lazyfs.imageref import (LoneBlob, SourceOptions, open_reference, pinned_reference,
                              scheme_of)
 from lazyfs.layer import TAIL_READ_BYTES
 from lazyfs.oci_layout import open_image
-from lazyfs.s3 import S3Layout, open_s3_layout
+from lazyfs.s3 import S3Layout, S3PushStore
 from lazyfs.source.s3 import S3Source
 from tests.faultproxy import FaultProxy
 from tests.mounting import mounted
@@ -67,8 +67,8 @@ class Published:
         self.bucket = bucket
         self.endpoint = server.url
         self.ref = f"s3://{bucket}/images/layout:{TAG}"
-        with open_s3_layout(f"s3://{bucket}/images/layout",
-                            SourceOptions(s3_endpoint=server.url)) as store:
+        with S3Layout(f"s3://{bucket}/images/layout",
+                      SourceOptions(s3_endpoint=server.url)) as store:
             self.bytes_pushed = push_by_hand(converted, store)
         # object key -> (entries by path, blob size, TOC region, TOC digest)
         self.layers = {}
@@ -210,7 +210,7 @@ def test_inspect_and_verify_of_an_s3_image(image, published):
 def test_convert_reads_an_s3_image(image, s3, tmp_path):
     server, bucket = s3
     source, converted, _ = image
-    with open_s3_layout(f"s3://{bucket}/source", SourceOptions(s3_endpoint=server.url)) as store:
+    with S3Layout(f"s3://{bucket}/source", SourceOptions(s3_endpoint=server.url)) as store:
         push_by_hand(Path(source), store)
     digest = lazyfs("convert", "--format", "estargz", "--s3-endpoint", server.url,
                     f"s3://{bucket}/source:{TAG}", tmp_path / "out").stdout.strip()
@@ -423,13 +423,13 @@ def test_layout_store_round_trip(s3, tmp_path):
     server, bucket = s3
     big = tmp_path / "big"
     big.write_bytes(os.urandom(9 * 1024 * 1024 + 7))  # above the 8 MiB multipart threshold
-    with open_s3_layout(f"s3://{bucket}/pushed/", SourceOptions(s3_endpoint=server.url)) as store:
+    with S3PushStore(f"s3://{bucket}/pushed/", SourceOptions(s3_endpoint=server.url)) as store:
         assert store.name == f"s3://{bucket}/pushed"
         assert store.exists("index.json") is None and store.get("index.json", 100) is None
         store.put_bytes("index.json", b'{"schemaVersion": 2}')
         assert store.exists("index.json") == 20
         assert store.get("index.json", 100) == b'{"schemaVersion": 2}'
-        with pytest.raises(FetchError, match="more than the 10 bytes"):
+        with pytest.raises(FormatError, match="more than the 10 bytes"):
             store.get("index.json", 10)
 
         sent = []
@@ -442,10 +442,36 @@ def test_layout_store_round_trip(s3, tmp_path):
     assert got["Body"].read() == big.read_bytes()
 
 
+@ONE_FORMAT
+def test_lazyfs_push_to_a_bucket_then_mount_by_url(image, s3, tmp_path):
+    server, bucket = s3
+    _, converted, _ = image
+    dest = f"s3://{bucket}/pushed/app"
+    pushed = lazyfs("push", "--s3-endpoint", server.url, f"{converted}:{TAG}", f"{dest}:v1")
+    assert pushed.stdout.strip() == f"{dest}:v1"
+    written = {r.key for r in server.requests() if r.method == "PUT"}  # multipart parts too
+    assert written == {f"pushed/app/{path.relative_to(converted)}"
+                       for path in Path(converted).rglob("*") if path.is_file()}
+    with open_image(f"{converted}:{TAG}") as local:
+        wanted = local.manifest_descriptor.digest
+    with open_reference(f"{dest}:v1", sources=SourceOptions(s3_endpoint=server.url)) as remote:
+        assert remote.manifest_descriptor.digest == wanted
+
+    # A second push finds every blob there (HEAD) and writes only the tags.
+    server.clear_log()
+    lazyfs("push", "--s3-endpoint", server.url, f"{converted}:{TAG}", f"{dest}:v2")
+    assert [r.key for r in server.requests() if r.method == "PUT"] == ["pushed/app/index.json"]
+
+    mount_dir = tmp_path / "mnt"
+    with mounted(f"{dest}:v2", mount_dir, "--s3-endpoint", server.url, "--no-background-fetch",
+                 cache_dir=tmp_path / "cache"):
+        assert (mount_dir / "etc/passwd").read_bytes().startswith(b"root:")
+
+
 def test_layout_store_errors_name_the_bucket(s3, tmp_path):
     server, _ = s3
     (tmp_path / "f").write_bytes(b"data")
-    with open_s3_layout("s3://no-such-bucket/x", SourceOptions(s3_endpoint=server.url)) as store:
+    with S3PushStore("s3://no-such-bucket/x", SourceOptions(s3_endpoint=server.url)) as store:
         with pytest.raises(NotFound, match="no-such-bucket"):
             store.get("index.json", 100)
         with pytest.raises(NotFound, match="s3://no-such-bucket/x/blobs/sha256/f"):
