@@ -6,7 +6,7 @@ a source over a blob holding `data`, or, for `data=None`, over a location where 
 Adding a source kind (a registry's blobs, say) is one more entry here.
 
 Every kind runs against a real store on 127.0.0.1 or a real file: nginx for http, moto's
-S3 server for s3.
+S3 server for s3, Debian's docker-registry for registry (lazyfs' own push puts the blob there).
 """
 
 from __future__ import annotations
@@ -73,10 +73,36 @@ def s3_kind(request):
     return make
 
 
+def registry_kind(request):
+    from tests.registryserver import make_registry_source
+
+    def make(data):
+        if data is not None:
+            return make_registry_source(data)
+        # A blob the registry never got: its digest names nothing there.
+        from lazyfs.format.oci import Descriptor
+        from lazyfs.imageref import SourceOptions
+        from lazyfs.registry import RegistryStore, parse_registry_reference
+        from tests.registryserver import _shared_registry
+
+        store = RegistryStore(parse_registry_reference(
+            f"oci://{_shared_registry().host}/conformance:blob"), SourceOptions())
+        source = store.open_blob(Descriptor("application/octet-stream", "sha256:" + "0" * 64, 1))
+
+        def cleanup():
+            source.close()
+            store.close()
+
+        return source, cleanup
+
+    return make
+
+
 SOURCE_KINDS = [
     ("file", file_kind),
     ("http", http_kind),
     ("s3", s3_kind),
+    ("registry", registry_kind),
 ]
 
 
