@@ -59,6 +59,26 @@ def http_kind(request):
     return make
 
 
+def lazyfs_serve_kind(request):
+    """Our own `lazyfs serve` as the web server."""
+    from lazyfs.serve import Server
+
+    root = request.getfixturevalue("tmp_path") / "served"
+    root.mkdir()
+    server = Server(str(root))
+    server.__enter__()
+    request.addfinalizer(lambda: server.__exit__(None, None, None))
+
+    def make(data):
+        name = next(_names)
+        if data is not None:
+            (root / name).write_bytes(data)
+        source = open_source(f"{server.url}/{name}")
+        return source, source.close
+
+    return make
+
+
 def s3_kind(request):
     server, bucket = request.getfixturevalue("s3")  # also sets the AWS_* credentials
     client = server.client()
@@ -101,6 +121,7 @@ def registry_kind(request):
 SOURCE_KINDS = [
     ("file", file_kind),
     ("http", http_kind),
+    ("lazyfs-serve", lazyfs_serve_kind),
     ("s3", s3_kind),
     ("registry", registry_kind),
 ]
