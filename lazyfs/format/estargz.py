@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
 from lazyfs.format.codec import GzipCodec
-from lazyfs.format.toc import TOC, dump_toc, parse_toc
+from lazyfs.format.toc import MAX_TOC_JSON_SIZE, TOC, dump_toc, parse_toc
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -53,9 +53,10 @@ _MAGIC = b"STARGZ"
 _GZIP_EXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"  # FLG = FEXTRA, OS = 255
 _EMPTY_STORED_BLOCK_AND_TRAILER = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
 
-# A TOC larger than this is refused before it is inflated: real TOCs of images with a
-# million files stay well below it, and it bounds the memory a hostile blob can claim.
-MAX_TOC_JSON_SIZE = 512 << 20
+# The compressed TOC (member or frame) is refused past this size before it is fetched: a TOC
+# within MAX_TOC_JSON_SIZE compresses to less, even stored uncompressed (gzip and zstd add a
+# few bytes per 64 KiB block; the tar header, padding and end-of-archive take 2 KiB).
+MAX_TOC_COMPRESSED_SIZE = MAX_TOC_JSON_SIZE + (1 << 20)
 
 
 def build_footer(toc_blob_offset: int) -> bytes:
@@ -140,6 +141,8 @@ def read_toc_member(member: bytes) -> tuple[TOC, str]:
 
     inflater = zlib.decompressobj(31)
     try:
+        # Bounded: a gzip bomb stops here, having produced at most the limit (plus the tar's
+        # own 2.5 KiB of header and end-of-archive).
         tar_bytes = inflater.decompress(member, MAX_TOC_JSON_SIZE + 4096)
     except zlib.error as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from None

@@ -50,6 +50,10 @@ def locate_toc(tail: bytes, blob_size: int) -> TOCRegion:
     if not 0 <= footer.toc_blob_offset < toc_end:
         raise FormatError(f"footer points at TOC offset {footer.toc_blob_offset}, outside the "
                           f"blob's {toc_end} payload bytes")
+    if toc_end - footer.toc_blob_offset > estargz.MAX_TOC_COMPRESSED_SIZE:
+        # Refused before the TOC is fetched: the footer alone says how big it is.
+        raise FormatError(f"TOC member of {toc_end - footer.toc_blob_offset} bytes is larger "
+                          f"than the {estargz.MAX_TOC_COMPRESSED_SIZE} byte limit")
     return TOCRegion("estargz", footer.toc_blob_offset, toc_end, footer.toc_blob_offset, footer.size)
 
 

@@ -40,6 +40,21 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # as they do in the reference implementation.
 _INT_MAX = (1 << 63) - 1
 
+# A TOC larger than this is refused before it is parsed (and, by the framing code, before it is
+# fetched or inflated past this size). A typical entry takes ~325 bytes of JSON, so this is
+# ~400,000 entries; parsing, resolving and building the tree take about 3 bytes of memory per
+# byte of JSON at their peak, so a hostile blob can claim at most ~400 MiB this way.
+MAX_TOC_JSON_SIZE = 128 << 20
+
+# Largest uncompressed member prefix a chunk may need (its inner offset plus its size). A
+# chunk is inflated whole into memory to be verified, so this bounds what one hostile TOC
+# entry can make a reader allocate. Real chunks are far smaller (4 MiB by default; containers/
+# storage splits files into ~64 KiB pieces); the converter refuses a larger --chunk-size.
+MAX_CHUNK_SIZE = 1 << 30
+
+# uid_t and gid_t are 32-bit: a larger owner cannot be shown by the kernel.
+_ID_MAX = (1 << 32) - 1
+
 
 @dataclass(slots=True)
 class TOCEntry:
@@ -123,11 +138,16 @@ def dump_toc(toc: TOC) -> bytes:
 
 def parse_toc(toc_json: bytes) -> TOC:
     """Parse and type-check a TOC. Raises FormatError naming the first bad entry and field."""
+    if len(toc_json) > MAX_TOC_JSON_SIZE:
+        raise FormatError(f"TOC of {len(toc_json)} bytes is larger than the "
+                          f"{MAX_TOC_JSON_SIZE} byte limit")
     with _gc_paused():
         try:
             doc = json.loads(toc_json)
         except (ValueError, UnicodeDecodeError) as exc:
             raise FormatError(f"TOC is not valid JSON: {exc}") from None
+        except RecursionError:  # the C decoder recurses once per nested array or object
+            raise FormatError("TOC is not valid JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise FormatError("TOC is not a JSON object")
         version = doc.get("version")
@@ -360,6 +380,27 @@ def clean_name(name: str) -> str:
     return "" if cleaned == "." else cleaned
 
 
+def entry_path(name: str, index: int) -> str:
+    """The cleaned path of a TOC entry's name (or a hardlink's target); FormatError for a name
+    that is absolute (other than "/", the root) or has a ".." component.
+
+    Cleaning alone would map such a name inside the image ("../../etc/x" to "etc/x"), so the
+    mount could not escape its root anyway; but no image builder writes such a name, and an
+    extracting tool reads it otherwise (GNU tar skips "..", others write outside their
+    target), so a TOC holding one is refused whole, like a tar holding one by the converter.
+    """
+    # The fast path of clean_name: such a name has no "/" in front and no "." component.
+    if (name and name[0] != "/" and name[0] != "." and name[-1] != "/"
+            and "//" not in name and "/." not in name):
+        return name
+    if ".." in name.split("/"):
+        raise FormatError(f"TOC entry {index} has a '..' component in {name[:200]!r}")
+    cleaned = clean_name(name)
+    if cleaned and name.startswith("/"):  # "/" itself is the root, as some writers name it
+        raise FormatError(f"TOC entry {index} has an absolute name {name[:200]!r}")
+    return cleaned
+
+
 # Chunk is frozen: its generated __init__ sets each field through object.__setattr__, which
 # costs more than the rest of resolving a chunk. resolve() makes chunks through the slots'
 # own setters instead (same result: every field set once, before anyone sees the object).
@@ -412,9 +453,14 @@ def _resolve(entries: list[TOCEntry], toc_offset: int) -> list[ResolvedEntry]:
                 group_names[entry.gid] = group_name
             else:
                 group_name = group_names.get(entry.gid, "")
-            item = new_resolved(entry, clean_name(entry.name), user_name, group_name, [])
+            if entry.uid > _ID_MAX or entry.gid > _ID_MAX:
+                raise FormatError(f"TOC entry {index} ({entry.name[:200]!r}): owner "
+                                  f"{entry.uid}:{entry.gid} does not fit 32 bits")
+            item = new_resolved(entry, entry_path(entry.name, index), user_name, group_name, [])
             resolved.append(item)
             if entry_type != "reg":
+                if entry_type == "hardlink":
+                    entry_path(entry.link_name, index)  # the target must be a name inside too
                 current_file = None
                 continue
             current_file = file = item
@@ -428,6 +474,10 @@ def _resolve(entries: list[TOCEntry], toc_offset: int) -> list[ResolvedEntry]:
         if not size:  # "to the end of the file"
             file_size = file.entry.size
             size = file_size - file_offset if file_offset else file_size
+        if size + entry.inner_offset > MAX_CHUNK_SIZE:
+            raise FormatError(f"TOC entry {index} ({file.path}): a chunk of {size} bytes at "
+                              f"inner offset {entry.inner_offset} exceeds the "
+                              f"{MAX_CHUNK_SIZE} byte limit")
         if blob_offset >= toc_offset:
             raise FormatError(f"TOC entry {index} ({file.path}): chunk offset {blob_offset} "
                               f"is not before the TOC at {toc_offset}")

@@ -47,7 +47,7 @@ import zstandard
 
 from lazyfs.errors import FormatError
 from lazyfs.format.codec import ZstdCodec
-from lazyfs.format.estargz import MAX_TOC_JSON_SIZE, sha256_digest
+from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE, MAX_TOC_JSON_SIZE, sha256_digest
 from lazyfs.format.toc import TOC, dump_toc, parse_toc
 
 SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
@@ -132,7 +132,8 @@ def check_location(location: TOCLocation, blob_size: int) -> None:
     if location.compressed_size <= 0 or location.end > blob_size - location.footer_size:
         raise FormatError(f"zstd:chunked TOC at {location.offset}+{location.compressed_size} lies "
                           f"outside the blob's {blob_size} bytes")
-    if location.uncompressed_size > MAX_TOC_JSON_SIZE:
+    if (location.uncompressed_size > MAX_TOC_JSON_SIZE
+            or location.compressed_size > MAX_TOC_COMPRESSED_SIZE):
         raise FormatError(f"TOC is larger than the {MAX_TOC_JSON_SIZE} byte limit")
 
 
