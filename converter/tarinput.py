@@ -11,6 +11,7 @@ the chunker reads payloads at their offsets, both of which need random access.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import shutil
@@ -109,6 +110,13 @@ def scan_members(tar_path: str) -> list[Member]:
         if "unexpected end" in str(exc):
             raise FormatError("tar is truncated: a member's data runs past the end") from None
         raise FormatError(f"not a valid tar: {exc}") from None
+    except OSError as exc:
+        # tarfile seeks past a member's data using the size in its header; a size beyond any
+        # file (base-256 fields reach 2**95, or are negative) makes that seek fail.
+        if exc.errno not in (errno.EINVAL, errno.EOVERFLOW):
+            raise
+        raise FormatError("not a valid tar: a member's size is impossible "
+                          f"({exc.strerror})") from None
     _check_end_of_archive(tar_path, end_of_members)
     check_names(infos)
     members = []

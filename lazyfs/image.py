@@ -21,7 +21,7 @@ from typing import Callable
 from lazyfs import oci_layout
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci, zstdchunked
-from lazyfs.format.seekable import MAX_FOOTER_SIZE, locate_toc
+from lazyfs.format.seekable import MAX_FOOTER_SIZE, has_footer
 from lazyfs.layer import LayerSpec
 from lazyfs.oci_layout import MAX_JSON_BYTES, Reference
 
@@ -71,11 +71,7 @@ def _ends_with_footer(path: str) -> bool:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - MAX_FOOTER_SIZE))
         tail = f.read()
-    try:
-        locate_toc(tail, size)
-    except FormatError:
-        return False
-    return True
+    return has_footer(tail)
 
 
 def _lone_blob(location: str, source, toc_digest: str | None, insecure: bool) -> MountImage:

@@ -117,11 +117,16 @@ class TOC:
 
 
 def entry_to_json(entry: TOCEntry) -> dict:
-    """Wire form of one entry; zero values are omitted, as `omitempty` does in Go."""
+    """Wire form of one entry; zero values other than the name are omitted, as `omitempty`
+    does in Go."""
     out: dict = {}
     for attr, wire, kind in _FIELDS:
         value = getattr(entry, attr)
         if not value:
+            # A name is always written, as the reference does: "" is the root (a tar's "/"),
+            # and readers refuse an entry with no name. Chunk entries may leave it out.
+            if attr == "name" and entry.type != "chunk":
+                out[wire] = value
             continue
         if kind == "xattrs":
             # Go's encoding/json writes []byte as standard base64; readers expect that.
