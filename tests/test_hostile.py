@@ -102,22 +102,29 @@ def reg(name: str, data: bytes, offset: int, **extra) -> dict:
 
 # --- the TOC parser ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "a\x00b", "type": "reg"}, "field 'name' contains a NUL byte"),
-    ({"name": "l", "type": "symlink", "linkName": "/etc\x00/passwd"}, "'linkName' contains a NUL"),
-    ({"name": "a", "type": "dir", "userName": "ro\x00ot"}, "'userName' contains a NUL"),
-    ({"name": "a", "type": "reg", "size": -1}, "'size' is out of range: -1"),
-    ({"name": "a", "type": "reg", "offset": 1 << 63}, "'offset' is out of range"),
-    ({"name": "a", "type": "reg", "chunkSize": -(1 << 70)}, "'chunkSize' is out of range"),
-    ({"name": "a", "type": "reg", "size": 1.5}, "'size' is not an integer"),
-    ({"name": "a", "type": "reg", "size": True}, "'size' is not an integer"),
-    ({"name": "a", "type": "reg", "size": "12"}, "'size' is not an integer"),
-    ({"name": "a", "type": "dir", "uid": float("inf")}, "'uid' is not an integer"),
-    ({"name": 7, "type": "dir"}, "'name' is not a string"),
-    ({"name": "a", "type": "whiteout"}, "unknown type"),
-    ({"name": "a", "type": "reg", "digest": "sha256:../../../../etc/passwd"}, "not a sha256"),
-    ({"name": "a", "type": "dir", "xattrs": {"user.x": "not base64!"}}, "not base64"),
-], ids=lambda v: v if isinstance(v, str) else None)
+HOSTILE_FIELDS = {
+    "nul-in-name": ({"name": "a\x00b", "type": "reg"}, "field 'name' contains a NUL byte"),
+    "nul-in-link": ({"name": "l", "type": "symlink", "linkName": "/etc\x00/passwd"},
+                    "'linkName' contains a NUL"),
+    "nul-in-owner": ({"name": "a", "type": "dir", "userName": "ro\x00ot"}, "'userName' contains a NUL"),
+    "negative-size": ({"name": "a", "type": "reg", "size": -1}, "'size' is out of range: -1"),
+    "offset-2-pow-63": ({"name": "a", "type": "reg", "offset": 1 << 63}, "'offset' is out of range"),
+    "enormous-negative": ({"name": "a", "type": "reg", "chunkSize": -(1 << 70)},
+                          "'chunkSize' is out of range"),
+    "float": ({"name": "a", "type": "reg", "size": 1.5}, "'size' is not an integer"),
+    "bool": ({"name": "a", "type": "reg", "size": True}, "'size' is not an integer"),
+    "string-number": ({"name": "a", "type": "reg", "size": "12"}, "'size' is not an integer"),
+    "infinity": ({"name": "a", "type": "dir", "uid": float("inf")}, "'uid' is not an integer"),
+    "name-not-a-string": ({"name": 7, "type": "dir"}, "'name' is not a string"),
+    "unknown-type": ({"name": "a", "type": "whiteout"}, "unknown type"),
+    "path-as-digest": ({"name": "a", "type": "reg", "digest": "sha256:../../../../etc/passwd"},
+                       "not a sha256"),
+    "xattr-not-base64": ({"name": "a", "type": "dir", "xattrs": {"user.x": "not base64!"}},
+                         "not base64"),
+}
+
+
+@pytest.mark.parametrize("entry, message", HOSTILE_FIELDS.values(), ids=HOSTILE_FIELDS.keys())
 def test_hostile_fields_are_refused_by_the_parser(entry, message):
     with pytest.raises(FormatError, match=message):
         parse_toc(json.dumps({"version": 1, "entries": [entry]}).encode())
@@ -219,17 +226,22 @@ def test_zstd_toc_frame_inflating_past_its_declared_size_is_refused():
 
 # --- resolve: names, chunks, numbers -------------------------------------------------------------
 
-@pytest.mark.parametrize("entry, message", [
-    ({"name": "../../etc/passwd", "type": "reg"}, "'..' component"),
-    ({"name": "a/../../b", "type": "dir"}, "'..' component"),
-    ({"name": "..", "type": "dir"}, "'..' component"),
-    ({"name": "/etc/passwd", "type": "reg"}, "absolute name"),
-    ({"name": "//etc", "type": "dir"}, "absolute name"),
-    ({"name": "x", "type": "hardlink", "linkName": "../../etc/shadow"}, "'..' component"),
-    ({"name": "x", "type": "hardlink", "linkName": "/etc/shadow"}, "absolute name"),
-    ({"name": "a", "type": "dir", "uid": 1 << 32}, "does not fit 32 bits"),
-    ({"name": "a", "type": "dir", "gid": 1 << 40}, "does not fit 32 bits"),
-], ids=lambda v: v if isinstance(v, str) else None)
+HOSTILE_NAMES = {
+    "dotdot": ({"name": "../../etc/passwd", "type": "reg"}, "'..' component"),
+    "dotdot-inside": ({"name": "a/../../b", "type": "dir"}, "'..' component"),
+    "dotdot-alone": ({"name": "..", "type": "dir"}, "'..' component"),
+    "absolute": ({"name": "/etc/passwd", "type": "reg"}, "absolute name"),
+    "absolute-double-slash": ({"name": "//etc", "type": "dir"}, "absolute name"),
+    "hardlink-dotdot": ({"name": "x", "type": "hardlink", "linkName": "../../etc/shadow"},
+                        "'..' component"),
+    "hardlink-absolute": ({"name": "x", "type": "hardlink", "linkName": "/etc/shadow"},
+                          "absolute name"),
+    "uid-over-32-bits": ({"name": "a", "type": "dir", "uid": 1 << 32}, "does not fit 32 bits"),
+    "gid-over-32-bits": ({"name": "a", "type": "dir", "gid": 1 << 40}, "does not fit 32 bits"),
+}
+
+
+@pytest.mark.parametrize("entry, message", HOSTILE_NAMES.values(), ids=HOSTILE_NAMES.keys())
 def test_hostile_names_and_owners_refuse_the_whole_toc(entry, message):
     toc = parse_toc(toc_doc({"name": "ok", "type": "dir"}, entry))
     with pytest.raises(FormatError, match=message):
@@ -415,6 +427,15 @@ def test_a_tar_with_a_hostile_size_field_is_refused(tmp_path):
         convert_tar(tmp_path, bytes(raw))
 
 
+def test_a_chunk_size_readers_would_refuse_is_refused_by_the_converter(tmp_path):
+    with pytest.raises(ValueError, match="chunk size must be"):
+        convert_layer(str(tmp_path / "in.tar"), str(tmp_path / "out.blob"),
+                      LayerOptions(chunk_size=MAX_CHUNK_SIZE + 1))
+    result = subprocess.run(lazyfs_cmd("convert", "--chunk-size", MAX_CHUNK_SIZE + 1, "in", "out"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--chunk-size: must be at most" in result.stderr
+
+
 def test_lazyfs_convert_refuses_an_escaping_tar_with_exit_code_2(tmp_path):
     src = tmp_path / "evil.tar"
     src.write_bytes(tar_bytes(dir_("etc/"), file_("../../../tmp/pwned", b"x")))
@@ -490,18 +511,20 @@ def refused_mount(tmp_path, blob: bytes, toc_digest: str, *extra):
     return result
 
 
-@pytest.mark.parametrize("layer_format", seekable.FORMATS)
-@pytest.mark.parametrize("case, toc_json, message", [
-    ("dotdot", toc_doc({"name": "../../../etc/cron.d/x", "type": "fifo"}), "'..' component"),
-    ("symlink-parent", toc_doc({"name": "x", "type": "symlink", "linkName": "/etc"},
+HOSTILE_MOUNTS = {
+    "dotdot": (toc_doc({"name": "../../../etc/cron.d/x", "type": "fifo"}), "'..' component"),
+    "symlink-parent": (toc_doc({"name": "x", "type": "symlink", "linkName": "/etc"},
                                {"name": "x/passwd", "type": "fifo"}), "symlink of the same layer"),
-    ("deep", b'{"version":1,"entries":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
-     "nested too deeply"),
-    ("chunk-size", toc_doc({"name": "a", "type": "reg", "size": 1 << 40, "offset": 0,
+    "deep-json": (b'{"version":1,"entries":' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+                  "nested too deeply"),
+    "chunk-size": (toc_doc({"name": "a", "type": "reg", "size": 1 << 40, "offset": 0,
                             "chunkDigest": "sha256:" + "0" * 64}), "byte limit"),
-], ids=lambda v: v if isinstance(v, str) and len(v) < 20 else None)
-def test_mount_refuses_a_structurally_hostile_toc(tmp_path, layer_format, case, toc_json,
-                                                 message):
+}
+
+
+@pytest.mark.parametrize("layer_format", seekable.FORMATS)
+@pytest.mark.parametrize("toc_json, message", HOSTILE_MOUNTS.values(), ids=HOSTILE_MOUNTS.keys())
+def test_mount_refuses_a_structurally_hostile_toc(tmp_path, layer_format, toc_json, message):
     blob, toc_digest = crafted_blob(layer_format, [codec_for("gzip").compress(b"")], toc_json)
     result = refused_mount(tmp_path, blob, toc_digest)
     assert result.returncode == 2, result.stderr
