@@ -32,9 +32,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 
+from converter.layer import LayerOptions, convert_layer
 from converter.tarinput import scan_members
 from lazyfs.errors import LazyfsError
 from lazyfs.format import estargz, seekable, zstdchunked
@@ -57,6 +59,12 @@ fuzz_settings = settings(
     deadline=datetime.timedelta(seconds=5),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+
+
+def _event(name: str) -> None:
+    """Counted by --hypothesis-show-statistics (to see that examples do not all fail early)."""
+    if currently_in_test_context():
+        event(name)
 
 
 @contextlib.contextmanager
@@ -105,19 +113,23 @@ def check_toc_json(toc_json: bytes, toc_offset: int = 1 << 40) -> None:
         try:
             toc = parse_toc(toc_json)
         except LazyfsError:
+            _event("toc: refused by parse_toc")
             return
         # What parses is what it says: written back and parsed again, the same entries.
         assert parse_toc(dump_toc(toc)) == toc
         try:
             entries = resolve(toc, toc_offset)
         except LazyfsError:
+            _event("toc: refused by resolve")
             return
         for item in entries:
             check_resolved(item, toc_offset)
         try:
             tree = build_tree([entries, entries])  # a layer over itself: every merge path
         except LazyfsError:
+            _event("toc: refused by build_tree")
             return
+        _event("toc: mounted")
         check_invariants(tree)
 
 
@@ -227,18 +239,39 @@ def toc_entries(draw) -> list[dict]:
     return entries
 
 
+# Values of the right JSON type that a parser must still judge: they reach resolve and the tree.
+HOSTILE_INTS = [0, 1, 7, 1 << 30, (1 << 30) + 1, 1 << 32, 1 << 62, (1 << 63) - 1, 4999, 5000]
+NAME_FIELDS = {"name", "linkName"}
+INT_FIELDS = {"size", "offset", "chunkOffset", "chunkSize", "innerOffset", "endOffset", "uid",
+              "gid", "mode", "devMajor"}
+
+
 @st.composite
 def field_swaps(draw, entries: list[dict]) -> list[dict]:
-    """Entries with some fields set to hostile values (or removed)."""
-    for _ in range(draw(st.integers(0, 3))):
+    """Entries with some fields set to hostile values of the right type (which get past the
+    type checks), of any type, or removed; and symlinks slipped in over later entries' parents."""
+    for _ in range(draw(st.integers(0, 4))):
         if not entries:
             break
-        entry = entries[draw(st.integers(0, len(entries) - 1))]
+        index = draw(st.integers(0, len(entries) - 1))
+        entry = entries[index]
         field = draw(st.sampled_from(FIELDS))
-        if draw(st.booleans()):
-            entry[field] = draw(st.sampled_from(HOSTILE_VALUES))
-        else:
+        how = draw(st.sampled_from(["typed", "typed", "any", "remove", "symlink", "symlink"]))
+        nested = [i for i, e in enumerate(entries) if "/" in str(e.get("name", ""))]
+        if how == "symlink" and nested:
+            index = draw(st.sampled_from(nested))
+            parent = entries[index]["name"].rpartition("/")[0]
+            entries.insert(draw(st.integers(0, index)),
+                           {"name": parent, "type": "symlink",
+                            "linkName": draw(st.sampled_from([".", "..", "/etc", parent]))})
+        elif how == "typed" and field in NAME_FIELDS:
+            entry[field] = draw(st.sampled_from(HOSTILE_NAMES))
+        elif how == "typed" and field in INT_FIELDS:
+            entry[field] = draw(st.sampled_from(HOSTILE_INTS))
+        elif how == "remove":
             entry.pop(field, None)
+        else:
+            entry[field] = draw(st.sampled_from(HOSTILE_VALUES))
     return entries
 
 
@@ -275,7 +308,7 @@ def hostile_toc_json(draw) -> bytes:
         data = raw.encode("utf-8", "surrogatepass")
     except (ValueError, TypeError):
         data = toc_json_of([])
-    if draw(st.booleans()):
+    if draw(st.integers(0, 2)) == 0:  # most byte flips make JSON invalid: a third is enough
         data = draw(byte_mutations(data))
     return data
 
@@ -310,9 +343,9 @@ def test_fuzz_position_annotations(value, blob_size):
 
 
 @fuzz_settings
-@given(hostile_toc_json())
-def test_fuzz_toc_json_resolve_and_tree(toc_json):
-    check_toc_json(toc_json)
+@given(hostile_toc_json(), st.sampled_from([1 << 40, 5000, 300, 0]))
+def test_fuzz_toc_json_resolve_and_tree(toc_json, toc_offset):
+    check_toc_json(toc_json, toc_offset)
 
 
 @fuzz_settings
@@ -367,6 +400,40 @@ def test_fuzz_tar_reader(data):
     check_tar(data.draw(byte_mutations(raw)))
 
 
+@settings(fuzz_settings, max_examples=max(10, FUZZ_EXAMPLES // 4))
+@given(st.data())
+def test_fuzz_convert_then_mount_agree(data):
+    """Whatever tar the converter accepts, the mount's parsers accept its output: a converter
+    that passed a hostile name through would make images nobody can mount (or worse)."""
+    try:
+        raw = tar_bytes(*data.draw(tar_members()))
+    except (ValueError, UnicodeError):
+        raw = tar_bytes()
+    check_convert(raw, data.draw(st.sampled_from(seekable.FORMATS)))
+
+
+def check_convert(raw: bytes, layer_format: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "in.tar"), os.path.join(tmp, "out.blob")
+        with open(src, "wb") as f:
+            f.write(raw)
+        try:
+            convert_layer(src, out, LayerOptions(chunk_size=256, format=layer_format, workers=1))
+        except LazyfsError:
+            assert not os.path.exists(out)
+            _event("convert: refused")
+            return
+        _event("convert: converted")
+        with open(out, "rb") as f:
+            blob = f.read()
+    region = locate_toc(blob[-seekable.MAX_FOOTER_SIZE:], len(blob))
+    toc, _ = seekable.parse_toc_region(region, blob[region.toc_start:region.toc_end])
+    entries = resolve(toc, region.data_end)  # raises (fails the test) if the mount would refuse
+    for item in entries:
+        check_resolved(item, region.data_end)
+    check_invariants(build_tree([entries]))
+
+
 # --- the corpus: inputs that once crashed or hung a parser -----------------------------------------
 # tests/fuzz_corpus/<target>-<what>.<ext>; the target is the file name's first word.
 
@@ -388,6 +455,7 @@ def test_the_corpus_replays_cleanly(name):
         check_toc_frame(data, None)
     elif target == "tar":
         check_tar(data)
+        check_convert(data, "estargz")
     else:
         raise AssertionError(f"unknown corpus target {target!r} in {name}")
 
