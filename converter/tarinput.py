@@ -25,6 +25,7 @@ from typing import BinaryIO
 import zstandard
 
 from lazyfs.errors import FormatError
+from lazyfs.format.tarmeta import XATTR_PAX_PREFIX
 from lazyfs.format.toc import clean_name
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -146,7 +147,7 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
     - a hardlink to itself, to a directory of this tar, or to a name that only comes later in
       this tar (a cycle needs one of these): there is nothing to link to yet. A hardlink to a
       name absent from this tar is kept: it may name a file of a lower layer;
-    - an owner id that does not fit 32 bits.
+    - an owner id that does not fit 32 bits, an empty xattr name or one with a NUL byte.
     Duplicate names are kept (the last one wins, as in extraction and in the mount).
     """
     all_paths = {clean_name(info.name) for info in infos}
@@ -158,6 +159,10 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
         if info.uid > _ID_MAX or info.gid > _ID_MAX or info.uid < 0 or info.gid < 0:
             raise FormatError(f"tar entry {info.name!r} has an owner {info.uid}:{info.gid} "
                               f"outside 0..{_ID_MAX}")
+        for key in info.pax_headers:
+            if key.startswith(XATTR_PAX_PREFIX) and (key == XATTR_PAX_PREFIX or "\x00" in key):
+                raise FormatError(f"tar entry {info.name!r} has an empty extended attribute "
+                                  f"name or one with a NUL byte")
         parent = path
         while "/" in parent:
             parent = parent.rpartition("/")[0]

@@ -190,7 +190,8 @@ NAME_PART = st.sampled_from(["a", "b", "etc", "usr", ".wh.a", ".wh..wh..opq", "x
 HOSTILE_NAMES = ["..", "../x", "/etc/passwd", "a/../..", "a\x00b", "", "/", "//", "./..",
                  "a/" * 300 + "z", "\udcff"]
 HOSTILE_VALUES = [-1, -(1 << 70), 1 << 63, (1 << 63) - 1, 1 << 62, 1 << 32, 1.5, True, None,
-                  "7", [], {}, "sha256:" + "0" * 64, "sha256:../../x", *HOSTILE_NAMES,
+                  "7", [], {}, {"user.a\x00b": ""}, {"": ""}, {"user.x": "AAAA"},
+                  "sha256:" + "0" * 64, "sha256:../../x", *HOSTILE_NAMES,
                   [[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]
 FIELDS = ["name", "type", "size", "offset", "chunkOffset", "chunkSize", "innerOffset",
           "endOffset", "linkName", "uid", "gid", "mode", "digest", "chunkDigest", "xattrs",
@@ -382,7 +383,9 @@ def tar_members(draw):
         elif kind in (tarfile.SYMTYPE, tarfile.LNKTYPE):
             info.linkname = draw(TAR_NAMES)
         if draw(st.integers(0, 4)) == 0:
-            info.pax_headers = {draw(st.sampled_from(["path", "linkpath", "uid", "size"])):
+            info.pax_headers = {draw(st.sampled_from(["path", "linkpath", "uid", "size",
+                                                       "SCHILY.xattr.user.a", "SCHILY.xattr.",
+                                                       "SCHILY.xattr.a\x00b"])):
                                 draw(st.sampled_from(["..", "/etc", "a\x00b", "-1", "99999999999",
                                                       "1e9", "x"]))}
         members.append((info, data))

@@ -119,6 +119,9 @@ HOSTILE_FIELDS = {
     "unknown-type": ({"name": "a", "type": "whiteout"}, "unknown type"),
     "path-as-digest": ({"name": "a", "type": "reg", "digest": "sha256:../../../../etc/passwd"},
                        "not a sha256"),
+    "xattr-name-with-nul": ({"name": "a", "type": "dir", "xattrs": {"user.a\x00security.b": ""}},
+                            "one with a NUL byte"),
+    "xattr-empty-name": ({"name": "a", "type": "dir", "xattrs": {"": "eA=="}}, "an empty name"),
     "xattr-not-base64": ({"name": "a", "type": "dir", "xattrs": {"user.x": "not base64!"}},
                          "not base64"),
 }
@@ -396,6 +399,9 @@ HOSTILE_TARS = {
     "nul-in-pax-linkpath": ([pax_member("x", tarfile.SYMTYPE, linkpath="/a\x00b")],
                             "NUL byte in its link target"),
     "huge-pax-uid": ([pax_member("x", uid=str(1 << 40))], "outside 0..4294967295"),
+    "nul-in-xattr-name": ([pax_member("x", **{"SCHILY.xattr.user.a\x00b": "v"})],
+                          "extended attribute name"),
+    "empty-xattr-name": ([pax_member("x", **{"SCHILY.xattr.": "v"})], "extended attribute name"),
 }
 
 

@@ -338,6 +338,9 @@ def _check_value(index: int, wire: str, kind: str, value: object):
     if kind == "xattrs":
         if not isinstance(value, dict):
             raise FormatError(f"{where()} is not an object")
+        if any("\x00" in name or not name for name in value):
+            # listxattr separates names with NUL: such a name would list as other names.
+            raise FormatError(f"{where()} has an empty name or one with a NUL byte")
         try:
             return {str(k): base64.b64decode(v, validate=True) for k, v in value.items()}
         except (binascii.Error, TypeError, ValueError):
