@@ -141,7 +141,9 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
     What is refused, and why, given that a layer tar says what extracting it makes:
     - a name (or hardlink target) that is absolute or has a ".." component: GNU tar strips or
       skips those, other tools write outside the rootfs; no image builder writes them;
-    - a NUL byte in a name or link target (possible in PAX records): the TOC cannot carry it;
+    - a NUL byte in a name or link target (possible in PAX records), or a name, link target or
+      owner name that is not UTF-8, or a negative size (a PAX record): the TOC cannot carry
+      them;
     - an entry under a symlink made earlier in this tar ("x" -> "/etc", then "x/passwd"):
       extraction writes through the link, the mount shows a directory;
     - a hardlink to itself, to a directory of this tar, or to a name that only comes later in
@@ -156,6 +158,13 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
         path = _checked_name(info.name, "name", info.name)
         if "\x00" in info.linkname:
             raise FormatError(f"tar entry {info.name!r} has a NUL byte in its link target")
+        if info.size < 0:  # a PAX "size" record may say anything
+            raise FormatError(f"tar entry {info.name!r} has a negative size {info.size}")
+        for what, text in (("name", info.name), ("link target", info.linkname),
+                           ("owner name", info.uname), ("group name", info.gname)):
+            if not _is_utf8(text):
+                raise FormatError(f"tar entry {info.name!r} has a {what} that is not UTF-8 "
+                                  f"(the TOC is JSON, which cannot hold it)")
         if info.uid > _ID_MAX or info.gid > _ID_MAX or info.uid < 0 or info.gid < 0:
             raise FormatError(f"tar entry {info.name!r} has an owner {info.uid}:{info.gid} "
                               f"outside 0..{_ID_MAX}")
@@ -182,6 +191,15 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
                 raise FormatError(f"tar entry {info.name!r} is a hardlink to the directory "
                                   f"{info.linkname!r}")
         kinds[path] = kind
+
+
+def _is_utf8(text: str) -> bool:
+    """tarfile decodes bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _checked_name(name: str, what: str, entry_name: str) -> str:

@@ -115,8 +115,15 @@ def check_toc_json(toc_json: bytes, toc_offset: int = 1 << 40) -> None:
         except LazyfsError:
             _event("toc: refused by parse_toc")
             return
-        # What parses is what it says: written back and parsed again, the same entries.
-        assert parse_toc(dump_toc(toc)) == toc
+        # What parses is what it says: written back and parsed again, the same entries. (A
+        # lone surrogate, which JSON escapes allow, cannot be written back as UTF-8; the mount
+        # never writes a TOC, and the tree keeps such a name's bytes: see tree._name_bytes.)
+        try:
+            written = dump_toc(toc)
+        except UnicodeEncodeError:
+            written = None
+        if written is not None:
+            assert parse_toc(written) == toc
         try:
             entries = resolve(toc, toc_offset)
         except LazyfsError:

@@ -381,6 +381,13 @@ def pax_member(name: str, type_=tarfile.REGTYPE, **pax):
     return info, (b"" if type_ == tarfile.REGTYPE else None)
 
 
+def latin1_member(name: str):
+    """A member whose name is written as Latin-1 bytes: not UTF-8 (tarfile reads it back as
+    lone surrogates)."""
+    info = tarfile.TarInfo(name.encode("latin-1").decode("utf-8", "surrogateescape"))
+    return info, b""
+
+
 HOSTILE_TARS = {
     "dotdot-name": ([file_("../escape", b"x")], "'..' in its name"),
     "dotdot-inside": ([file_("a/../../escape", b"x")], "'..' in its name"),
@@ -399,6 +406,8 @@ HOSTILE_TARS = {
     "nul-in-pax-linkpath": ([pax_member("x", tarfile.SYMTYPE, linkpath="/a\x00b")],
                             "NUL byte in its link target"),
     "huge-pax-uid": ([pax_member("x", uid=str(1 << 40))], "outside 0..4294967295"),
+    "negative-pax-size": ([pax_member("x", size="-1")], "negative size"),
+    "non-utf8-name": ([latin1_member("caf\xe9")], "name that is not UTF-8"),
     "nul-in-xattr-name": ([pax_member("x", **{"SCHILY.xattr.user.a\x00b": "v"})],
                           "extended attribute name"),
     "empty-xattr-name": ([pax_member("x", **{"SCHILY.xattr.": "v"})], "extended attribute name"),
