@@ -26,7 +26,7 @@ import zstandard
 
 from lazyfs.errors import FormatError
 from lazyfs.format.tarmeta import XATTR_PAX_PREFIX
-from lazyfs.format.toc import clean_name
+from lazyfs.format.toc import clean_name, unsafe_name_reason
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -205,13 +205,11 @@ def _is_utf8(text: str) -> bool:
 def _checked_name(name: str, what: str, entry_name: str) -> str:
     if "\x00" in name:
         raise FormatError(f"tar entry {entry_name!r} has a NUL byte in its {what}")
-    if ".." in name.split("/"):
-        raise FormatError(f"tar entry {entry_name!r} has a '..' in its {what} {name!r}")
-    cleaned = clean_name(name)
-    if cleaned and name.startswith("/"):  # "/" itself is the root
-        raise FormatError(f"tar entry {entry_name!r} has an absolute {what} {name!r} "
-                          f"(layer tars name paths relative to the root)")
-    return cleaned
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise FormatError(f"tar entry {entry_name!r}: its {what} {name!r} {reason} "
+                          f"(a layer tar names paths under its root)")
+    return clean_name(name)
 
 
 def _check_end_of_archive(tar_path: str, end_of_members: int) -> None:

@@ -233,12 +233,12 @@ HOSTILE_NAMES = {
     "dotdot": ({"name": "../../etc/passwd", "type": "reg"}, "'..' component"),
     "dotdot-inside": ({"name": "a/../../b", "type": "dir"}, "'..' component"),
     "dotdot-alone": ({"name": "..", "type": "dir"}, "'..' component"),
-    "absolute": ({"name": "/etc/passwd", "type": "reg"}, "absolute name"),
-    "absolute-double-slash": ({"name": "//etc", "type": "dir"}, "absolute name"),
+    "absolute": ({"name": "/etc/passwd", "type": "reg"}, "is absolute"),
+    "absolute-double-slash": ({"name": "//etc", "type": "dir"}, "is absolute"),
     "hardlink-dotdot": ({"name": "x", "type": "hardlink", "linkName": "../../etc/shadow"},
                         "'..' component"),
     "hardlink-absolute": ({"name": "x", "type": "hardlink", "linkName": "/etc/shadow"},
-                          "absolute name"),
+                          "is absolute"),
     "uid-over-32-bits": ({"name": "a", "type": "dir", "uid": 1 << 32}, "does not fit 32 bits"),
     "gid-over-32-bits": ({"name": "a", "type": "dir", "gid": 1 << 40}, "does not fit 32 bits"),
 }
@@ -389,11 +389,13 @@ def latin1_member(name: str):
 
 
 HOSTILE_TARS = {
-    "dotdot-name": ([file_("../escape", b"x")], "'..' in its name"),
-    "dotdot-inside": ([file_("a/../../escape", b"x")], "'..' in its name"),
-    "absolute-name": ([file_("/etc/passwd", b"x")], "absolute name"),
-    "dotdot-hardlink": ([hardlink("h", "../../etc/shadow")], "'..' in its hardlink target"),
-    "absolute-hardlink": ([hardlink("h", "/etc/shadow")], "absolute hardlink target"),
+    "dotdot-name": ([file_("../escape", b"x")], "its name '../escape' has a '..' component"),
+    "dotdot-inside": ([file_("a/../../escape", b"x")], "has a '..' component"),
+    "absolute-name": ([file_("/etc/passwd", b"x")], "its name '/etc/passwd' is absolute"),
+    "dotdot-hardlink": ([hardlink("h", "../../etc/shadow")],
+                        "its hardlink target '../../etc/shadow' has a '..' component"),
+    "absolute-hardlink": ([hardlink("h", "/etc/shadow")],
+                          "its hardlink target '/etc/shadow' is absolute"),
     "hardlink-to-itself": ([hardlink("h", "./h")], "hardlink to itself"),
     "hardlink-to-later": ([hardlink("h", "f"), file_("f", b"x")], "comes later"),
     "hardlink-cycle": ([hardlink("a", "b"), hardlink("b", "a")], "comes later"),
@@ -457,7 +459,8 @@ def test_lazyfs_convert_refuses_an_escaping_tar_with_exit_code_2(tmp_path):
     result = subprocess.run(lazyfs_cmd("convert", src, tmp_path / "out.blob"),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "error: tar entry '../../../tmp/pwned' has a '..' in its name" in result.stderr
+    assert ("error: tar entry '../../../tmp/pwned': its name '../../../tmp/pwned' has a '..' "
+            "component") in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(os.listdir(tmp_path)) == ["evil.tar"]
 

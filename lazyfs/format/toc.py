@@ -47,10 +47,12 @@ _INT_MAX = (1 << 63) - 1
 MAX_TOC_JSON_SIZE = 128 << 20
 
 # Largest uncompressed member prefix a chunk may need (its inner offset plus its size). A
-# chunk is inflated whole into memory to be verified, so this bounds what one hostile TOC
-# entry can make a reader allocate. Real chunks are far smaller (4 MiB by default; containers/
-# storage splits files into ~64 KiB pieces); the converter refuses a larger --chunk-size.
-MAX_CHUNK_SIZE = 1 << 30
+# chunk is inflated whole into memory to be verified, and the fetcher decodes up to 8 chunks
+# of a source at once, so this bounds what a hostile TOC can make the daemon allocate (8 x 256
+# MiB). Real chunks are far smaller (4 MiB by default; containers/storage splits files into
+# pieces of tens of KiB), and a chunk this big would defeat lazy fetching anyway; the
+# converter refuses a larger --chunk-size.
+MAX_CHUNK_SIZE = 256 << 20
 
 # uid_t and gid_t are 32-bit: a larger owner cannot be shown by the kernel.
 _ID_MAX = (1 << 32) - 1
@@ -388,25 +390,33 @@ def clean_name(name: str) -> str:
     return "" if cleaned == "." else cleaned
 
 
-def entry_path(name: str, index: int) -> str:
-    """The cleaned path of a TOC entry's name (or a hardlink's target); FormatError for a name
-    that is absolute (other than "/", the root) or has a ".." component.
+def unsafe_name_reason(name: str) -> str | None:
+    """Why a tar or TOC name (or hardlink target) must not be used, or None: it is absolute
+    (other than "/", the root, as some writers name it) or has a ".." component.
 
     Cleaning alone would map such a name inside the image ("../../etc/x" to "etc/x"), so the
-    mount could not escape its root anyway; but no image builder writes such a name, and an
-    extracting tool reads it otherwise (GNU tar skips "..", others write outside their
-    target), so a TOC holding one is refused whole, like a tar holding one by the converter.
+    mount could not escape its root anyway; but no image builder writes one, and extracting
+    tools read it otherwise (GNU tar skips ".." and strips the "/", others write outside their
+    target): the TOC (or tar) holding one is refused whole.
     """
-    # The fast path of clean_name: such a name has no "/" in front and no "." component.
+    if ".." in name.split("/"):
+        return "has a '..' component"
+    if name.startswith("/") and clean_name(name):
+        return "is absolute"
+    return None
+
+
+def entry_path(name: str, index: int) -> str:
+    """The cleaned path of a TOC entry's name or hardlink target; FormatError for an unsafe
+    one (see unsafe_name_reason)."""
+    # Most names are canonical, and no canonical name is unsafe: clean_name's fast path test.
     if (name and name[0] != "/" and name[0] != "." and name[-1] != "/"
             and "//" not in name and "/." not in name):
         return name
-    if ".." in name.split("/"):
-        raise FormatError(f"TOC entry {index} has a '..' component in {name[:200]!r}")
-    cleaned = clean_name(name)
-    if cleaned and name.startswith("/"):  # "/" itself is the root, as some writers name it
-        raise FormatError(f"TOC entry {index} has an absolute name {name[:200]!r}")
-    return cleaned
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise FormatError(f"TOC entry {index}: name {name[:200]!r} {reason}")
+    return clean_name(name)
 
 
 # Chunk is frozen: its generated __init__ sets each field through object.__setattr__, which
