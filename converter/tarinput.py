@@ -190,6 +190,10 @@ def check_names(infos: list[tarfile.TarInfo]) -> None:
             if kind == tarfile.DIRTYPE:
                 raise FormatError(f"tar entry {info.name!r} is a hardlink to the directory "
                                   f"{info.linkname!r}")
+            if kind is None and kinds.get(path) == tarfile.SYMTYPE:
+                # A target in no lower layer leaves the name as it was (the mount skips such a
+                # link): still this tar's symlink, for the entries that follow.
+                kind = tarfile.SYMTYPE
         kinds[path] = kind
 
 

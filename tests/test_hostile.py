@@ -404,6 +404,9 @@ HOSTILE_TARS = {
     "under-a-symlink-loop": ([symlink("x", "."), file_("x/x/y", b"x")], "a symlink earlier"),
     "under-a-hardlinked-symlink": ([symlink("s", "/"), hardlink("h", "s"), dir_("h/etc/")],
                                    "a symlink earlier"),
+    "under-a-symlink-behind-a-dangling-hardlink": (
+        [symlink("a", "/etc"), hardlink("a", "not-in-this-tar"), file_("a/b", b"x")],
+        "a symlink earlier"),
     "nul-in-pax-path": ([pax_member("x", path="a\x00b")], "NUL byte in its name"),
     "nul-in-pax-linkpath": ([pax_member("x", tarfile.SYMTYPE, linkpath="/a\x00b")],
                             "NUL byte in its link target"),
