@@ -289,6 +289,17 @@ def test_chunks_outside_the_blob_or_the_file_refuse_the_whole_toc(entries, messa
         resolve(parse_toc(toc_doc(*entries)), 1000)
 
 
+def test_files_sharing_a_member_are_allowed():
+    # As the reference writes small files: one member, each file at its inner offset. Each
+    # chunk is checked against its own digest when read, so sharing gives nothing away.
+    entries = resolve(parse_toc(toc_doc(
+        {"name": "a", "type": "reg", "size": 3, "offset": 10},
+        {"name": "b", "type": "reg", "size": 4, "offset": 10, "innerOffset": 3},
+        {"name": "c", "type": "reg", "size": 4, "offset": 10, "innerOffset": 1})), 1000)
+    assert [(c.blob_offset, c.blob_end, c.inner_offset) for e in entries for c in e.chunks] == \
+        [(10, 1000, 0), (10, 1000, 3), (10, 1000, 1)]
+
+
 # --- a chunk that inflates to more than it says ---------------------------------------------------
 
 @pytest.mark.parametrize("layer_format", seekable.FORMATS)
