@@ -31,16 +31,15 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-import zstandard
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 from converter.layer import LayerOptions, convert_layer
 from converter.tarinput import scan_members
 from lazyfs.errors import LazyfsError
 from lazyfs.format import estargz, seekable, zstdchunked
-from lazyfs.format.codec import GzipCodec, ZstdCodec
+from lazyfs.format.codec import ZstdCodec
 from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE, read_toc_member, toc_tar_bytes
 from lazyfs.format.seekable import locate_toc, region_from_position_annotation
 from lazyfs.format.toc import MAX_CHUNK_SIZE, dump_toc, parse_toc, resolve

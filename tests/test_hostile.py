@@ -11,7 +11,6 @@ exception, a hang or an allocation the input did not pay for.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
@@ -27,11 +26,10 @@ from lazyfs.cache import ChunkCache
 from lazyfs.errors import FormatError
 from lazyfs.format import estargz, seekable, zstdchunked
 from lazyfs.format.codec import GzipCodec, ZstdCodec, codec_for
-from lazyfs.format.estargz import build_footer, build_toc_blob, read_toc_member, toc_tar_bytes
+from lazyfs.format.estargz import build_footer, read_toc_member, toc_tar_bytes
 from lazyfs.format.seekable import locate_toc, parse_toc_region
-from lazyfs.format.toc import (MAX_CHUNK_SIZE, MAX_TOC_JSON_SIZE, TOC, TOCEntry, dump_toc,
-                               parse_toc, resolve)
-from lazyfs.format.zstdchunked import TOCLocation, build_toc_frames, read_toc_frame
+from lazyfs.format.toc import MAX_CHUNK_SIZE, MAX_TOC_JSON_SIZE, parse_toc, resolve
+from lazyfs.format.zstdchunked import TOCLocation, read_toc_frame
 from lazyfs.tree import build_tree
 from tests.mounting import lazyfs_cmd, mounted
 from tests.tarbuild import dir_, file_, hardlink, symlink, tar_bytes
