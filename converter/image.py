@@ -43,9 +43,10 @@ class ImageResult:
 
 
 def convert_image(src_ref: str, dst: str, *, archive: bool, options: LayerOptions,
-                  progress: bool | None = None) -> ImageResult:
+                  progress: bool | None = None, sources=None) -> ImageResult:
     """Convert the image src_ref ("PATH[:TAG|@DIGEST]": OCI layout, oci-archive or
-    docker-archive) into an OCI layout directory at dst, or an oci-archive tar if archive.
+    docker-archive, or any remote image reference lazyfs.imageref reads, reached with
+    `sources`) into an OCI layout directory at dst, or an oci-archive tar if archive.
 
     progress: a bar over layers on stderr; None means "if stderr is a terminal and there is
     more than one layer".
@@ -58,7 +59,7 @@ def convert_image(src_ref: str, dst: str, *, archive: bool, options: LayerOption
         raise NotFound(f"{parent}: no such directory for the output")
     work_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.", suffix=".partial", dir=parent)
     try:
-        with open_image_input(src_ref, tmp_dir=work_dir) as source:
+        with open_image_input(src_ref, tmp_dir=work_dir, sources=sources) as source:
             out_path = os.path.join(work_dir, "image.tar" if archive else "layout")
             writer = ArchiveWriter(out_path) if archive else LayoutWriter(out_path)
             with writer:

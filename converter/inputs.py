@@ -105,11 +105,21 @@ def _image_archive_members(raw: BinaryIO) -> set[str] | None:
 
 
 def open_image_input(ref: str, *, platform: Platform | None = None,
-                     tmp_dir: str | None = None) -> ImageSource:
-    """Open "PATH[:TAG|@DIGEST]" as an image, whatever kind of image input PATH is.
+                     tmp_dir: str | None = None, sources=None) -> ImageSource:
+    """Open "PATH[:TAG|@DIGEST]" as an image, whatever kind of image input PATH is, or a
+    remote image (http(s)://, s3://, oci://: see lazyfs.imageref), reached with `sources`.
 
-    tmp_dir is where archives' members are copied out (default: the system's temp dir).
+    tmp_dir is where archives' members and remote blobs are copied (default: the system's
+    temp dir).
     """
+    from lazyfs.imageref import LoneBlob, open_reference, scheme_of
+
+    if scheme_of(ref) not in (None, "file"):
+        image = open_reference(ref, sources=sources, platform=platform, tmp_dir=tmp_dir)
+        if isinstance(image, LoneBlob):
+            raise FormatError(f"{ref}: a single blob, not an image: download it and convert "
+                              "it as a layer")
+        return image
     reference = parse_reference(ref)
     kind = detect_kind(reference.path)
     if kind is InputKind.OCI_LAYOUT:

@@ -291,6 +291,15 @@ def _framing(options: LayerOptions):
     raise ValueError(f"unknown format {options.format!r}; choose from {', '.join(FORMATS)}")
 
 
+def _prefetch_end(entries: list[TOCEntry]) -> int | None:
+    """The blob offset of the `.prefetch.landmark` member: the prioritized files are before it.
+    None when the layer prioritizes nothing."""
+    for entry in entries:
+        if entry.name == PREFETCH_LANDMARK:
+            return entry.blob_offset
+    return None
+
+
 def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     framing = _framing(options)
     codec = framing.codec
@@ -331,6 +340,9 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
             raise
 
     tail, tail_uncompressed, toc_digest, format_annotations = framing.finish(segmenter.entries, blob_offset)
+    prefetch_end = _prefetch_end(segmenter.entries)
+    if prefetch_end:
+        format_annotations[oci.ANNOTATION_PREFETCH_END] = str(prefetch_end)
     out.write(tail)
     blob_hash.update(tail)
     diff_hash.update(tail_uncompressed)

@@ -45,6 +45,28 @@ class LocalBlob:
         self.close()
 
 
+class SourceBlob:
+    """LocalBlob's interface over any BlobSource (a URL, a bucket, a registry), so that
+    `inspect` reads a remote layer's footer and TOC without downloading the layer."""
+
+    def __init__(self, source):
+        self.source = source
+        self.path = source.describe()
+        self.size = source.size()
+
+    def read_at(self, blob_offset: int, length: int) -> bytes:
+        return self.source.read(blob_offset, length)
+
+    def close(self) -> None:
+        self.source.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 @dataclass
 class SeekableLayer:
     blob: LocalBlob

@@ -358,6 +358,10 @@ class ChunkCache:
                 self._set((_CHUNK, hex_), _Entry(st.st_size, st.st_mtime))
         return True
 
+    def has_toc(self, toc_digest: str) -> bool:
+        """Whether a TOC record exists (not verified: get_toc may still find it corrupt)."""
+        return os.path.exists(self._path(_TOC, _hex_of(toc_digest)))
+
     def put_toc(self, toc_digest: str, record: bytes) -> None:
         """Store an opaque TOC record under the TOC's digest (the caller vouches for the record)."""
         hex_ = _hex_of(toc_digest)

@@ -84,11 +84,13 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="compression threads (default: every core); output is the same for any N")
     convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar (default: on a terminal, for multi-layer images)")
+    _add_source_options(convert)
     convert.set_defaults(run=_cmd_convert)
 
     inspect = commands.add_parser("inspect", help="show layers, entries, chunks and sizes")
     inspect.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_source_options(inspect)
     inspect.set_defaults(run=_cmd_inspect)
 
     verify = commands.add_parser(
@@ -96,7 +98,31 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("target", help="eStargz blob or OCI image (layout dir[:TAG] or oci-archive)")
     verify.add_argument("--toc-digest", metavar="DIGEST",
                         help="pin a lone blob's TOC digest (images pin it in the manifest)")
+    _add_verify_key_option(verify)
+    _add_source_options(verify)
     verify.set_defaults(run=_cmd_verify)
+
+    keygen = commands.add_parser(
+        "keygen", help="make a signing key pair: PREFIX.key (private) and PREFIX.pub",
+        description="Write PREFIX.key (PKCS#8 PEM, mode 0600; encrypted with "
+                    "$LAZYFS_KEY_PASSWORD when set) and PREFIX.pub (public key PEM, as "
+                    "`cosign verify --key` and openssl read it).")
+    keygen.add_argument("prefix")
+    keygen.add_argument("--type", choices=("ecdsa-p256", "ed25519"), default="ecdsa-p256",
+                        dest="key_type", help="key type (default ecdsa-p256, as cosign's)")
+    keygen.set_defaults(run=_cmd_keygen)
+
+    sign = commands.add_parser(
+        "sign", help="sign an image's manifest digest into its OCI layout (cosign's format)",
+        description="Sign the manifest that IMAGE (a local OCI layout DIR[:TAG|@DIGEST]) "
+                    "resolves to: a cosign simple-signing payload, stored in the layout under "
+                    "the tag sha256-<hex>.sig, next to any earlier signatures. The key's "
+                    "password, if any, comes from $LAZYFS_KEY_PASSWORD.")
+    sign.add_argument("image")
+    sign.add_argument("--key", required=True, help="private key (PEM) from `lazyfs keygen`")
+    sign.add_argument("--identity", metavar="NAME",
+                      help="the payload's docker-reference (default: the layout's path)")
+    sign.set_defaults(run=_cmd_sign)
 
     mount = commands.add_parser(
         "mount", help="mount a seekable image read-only, fetching chunks on demand",
@@ -142,6 +168,23 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="the program to run (default: the image's Entrypoint + Cmd)")
     _add_record_options(record)
     record.set_defaults(run=_cmd_record)
+
+    push = commands.add_parser(
+        "push", help="copy a converted image to a directory, an S3 prefix or a registry",
+        description="Copy IMAGE (an OCI layout DIR[:TAG|@DIGEST] or an oci-archive) to DEST: "
+                    "DIR[:TAG] (creates or updates an OCI layout, for a web server or CDN to "
+                    "serve), s3://BUCKET/PREFIX/LAYOUT[:TAG] or oci://REGISTRY/REPO[:TAG]. "
+                    "Blobs go first and are skipped when already there, then manifests, then "
+                    "the tag (DEST's, else IMAGE's), so readers never see a partial image. "
+                    "Signatures (cosign's sha256-<hex>.sig tags) are copied along. Prints the "
+                    "reference to mount.")
+    push.add_argument("image", help="OCI layout DIR[:TAG|@DIGEST] or oci-archive")
+    push.add_argument("destination", help="DIR[:TAG], s3://BUCKET/PREFIX/LAYOUT[:TAG] or "
+                                          "oci://REGISTRY/REPO[:TAG]")
+    push.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="progress bar (default: on a terminal)")
+    _add_source_options(push)
+    push.set_defaults(run=_cmd_push)
 
     umount = commands.add_parser("umount", help="unmount (also clears the mount of a dead daemon)")
     umount.add_argument("mountpoint")
@@ -195,9 +238,8 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                                             "else $XDG_CACHE_HOME/lazyfs)")
     parser.add_argument("--cache-size", type=_size, default="10G", metavar="SIZE",
                         help="cache bound, least recently used chunks evicted (default 10G)")
-    parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
-                        help="HTTP header sent with every request (repeatable)")
-    parser.add_argument("--ca-cert", help="CA bundle for https sources")
+    _add_verify_key_option(parser)
+    _add_source_options(parser)
     from lazyfs.fetchoptions import FetchOptions  # a light module: no trio, no HTTP
 
     default = FetchOptions()
@@ -221,8 +263,39 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="do not fetch the prioritized files of each layer at mount")
     parser.add_argument("--no-background-fetch", action="store_true",
                         help="do not fetch the rest of the image in the background")
+    parser.add_argument("--kernel-readahead", type=_size, default="1M", metavar="SIZE",
+                        help="the kernel's readahead window for the mount, which also sizes its "
+                             "read requests to lazyfs (at most 1M count; default 1M)")
     parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
                         help="average cap of the background fetch, e.g. 5M (default: none)")
+
+
+def _add_source_options(parser: argparse.ArgumentParser) -> None:
+    """How to reach remote images: every command that reads one takes these."""
+    parser.add_argument("--header", type=_header, action="append", default=[], metavar="NAME:VALUE",
+                        help="HTTP header sent with every request (repeatable)")
+    parser.add_argument("--ca-cert", help="CA bundle for https sources")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="S3-compatible endpoint for s3:// images (default: AWS, or "
+                             "$AWS_ENDPOINT_URL)")
+
+
+def _add_verify_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verify-key", action="append", default=[], metavar="PUB",
+                        help="refuse the image unless it carries a valid signature of its "
+                             "manifest by this public key (repeatable: any one suffices)")
+
+
+def _verify_keys(args) -> tuple[str, ...]:
+    # Absolute: the mount daemon may resolve the image after a chdir.
+    return tuple(os.path.abspath(path) for path in args.verify_key)
+
+
+def _source_options(args):
+    from lazyfs.imageref import SourceOptions
+
+    return SourceOptions(headers=dict(args.header) or None, ca_cert=args.ca_cert,
+                         s3_endpoint=args.s3_endpoint)
 
 
 def _fetch_options(args):
@@ -286,7 +359,9 @@ def _mount_options(args):
                         cache_dir=args.cache_dir, cache_bytes=args.cache_size,
                         foreground=getattr(args, "foreground", False),
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
-                        ca_cert=args.ca_cert, fetch=_fetch_options(args))
+                        ca_cert=args.ca_cert, s3_endpoint=args.s3_endpoint,
+                        kernel_readahead_bytes=args.kernel_readahead, fetch=_fetch_options(args),
+                        verify_keys=_verify_keys(args))
 
 
 def _cmd_mount(args) -> int:
@@ -369,7 +444,8 @@ def _cmd_convert(args) -> int:
     from converter.image import convert_image
 
     image = convert_image(args.source, args.destination, archive=args.archive,
-                          options=_image_options(options), progress=args.progress)
+                          options=_image_options(options), progress=args.progress,
+                          sources=_source_options(args))
     print(f"wrote {args.destination}: {len(image.layers)} eStargz layers, manifest "
           f"{image.manifest_digest}" + (f", tag {image.tag}" if image.tag else ""), file=sys.stderr)
     print(image.manifest_digest)
@@ -391,14 +467,48 @@ def _image_options(options):
 def _cmd_inspect(args) -> int:
     from lazyfs import inspect
 
-    return _show(inspect.inspect_target(args.target), args.json, inspect.print_report)
+    return _show(inspect.inspect_target(args.target, _source_options(args)), args.json,
+                 inspect.print_report)
 
 
 def _cmd_verify(args) -> int:
     from lazyfs import inspect
 
-    for line in inspect.verify_target(args.target, args.toc_digest):
+    for line in inspect.verify_target(args.target, args.toc_digest, _source_options(args),
+                                      verify_keys=_verify_keys(args)):
         print(line)
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from lazyfs import signing
+
+    password = os.environ.get(signing.PASSWORD_ENV) or None
+    key_path, pub_path = signing.keygen(args.prefix, args.key_type, password)
+    state = "encrypted" if password else f"not encrypted: set ${signing.PASSWORD_ENV} to encrypt"
+    print(f"wrote {key_path} (private, {state}) and {pub_path} (public)", file=sys.stderr)
+    print(pub_path)
+    return 0
+
+
+def _cmd_sign(args) -> int:
+    from lazyfs import signing
+
+    result = signing.sign_image(args.image, args.key, identity=args.identity,
+                                password=os.environ.get(signing.PASSWORD_ENV) or None)
+    print(f"signed manifest {result.manifest_digest}: {result.layout}:{result.tag} holds "
+          f"{result.signature_count} signature(s)", file=sys.stderr)
+    print(result.manifest_digest)
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from lazyfs.push import push
+
+    result = push(args.image, args.destination, sources=_source_options(args),
+                  progress=args.progress)
+    print(f"pushed {args.image} to {args.destination}: {result.summary()}", file=sys.stderr)
+    print(result.reference)
     return 0
 
 

@@ -46,6 +46,11 @@ class RangeNotSupported(FetchError):
     """The server ignored or mangled a Range request."""
 
 
+class AuthError(FetchError):
+    """A registry demands credentials we do not have, or refused the ones we sent. The message
+    names the user and the file the credentials came from, never a password or token."""
+
+
 class CacheError(LazyfsError):
     """The local cache is unusable (not a corrupt entry, which is refetched)."""
 

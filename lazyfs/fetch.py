@@ -16,8 +16,9 @@ What one claim set (a job) costs the source: the chunks not in the disk cache be
 (rangeplan), merged when close and grouped into multi-range requests, each request run under a
 per-source PriorityLimiter (priority.py) and retried with backoff (retry.py). A request streams:
 in its worker thread each member is cut out of the answer, inflated and verified as soon as its
-last byte is in, and its waiters are woken then, so a reader of the first prioritized file does
-not wait for the whole prefetch. A retry asks only for the members not yet delivered.
+last byte is in, and its waiters are woken then (the disk cache write comes after, off their
+path), so a reader of the first prioritized file does not wait for the whole prefetch. A retry
+asks only for the members not yet delivered.
 
 Readahead: a read that starts a file or continues the previous read of it also claims the next
 chunks (up to FetchOptions.readahead_bytes past its end) into the same request. The kernel
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BYTES = FetchOptions.memory_bytes
 DEFAULT_PARALLEL_FETCHES = FetchOptions.max_connections
+# Disk cache reads up to this size run on the event loop instead of a worker thread: a thread
+# round trip (~50 us, several times that on a busy machine) costs more than a pread and the
+# sha256 of a few 16 KiB blocks from a local disk (~10-60 us), and random and small-file reads
+# are dominated by it. Bigger reads go to a thread so that the loop keeps serving others.
+INLINE_CACHE_READ_BYTES = 64 << 10
 # Files whose last read end is remembered for readahead (an LRU: a few bytes each).
 _READ_ENDS_KEPT = 4096
 # trio >= 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`.
@@ -191,8 +197,13 @@ class ChunkFetcher:
         start = max(file_offset, chunk.file_offset) - chunk.file_offset
         stop = min(end, chunk.file_offset + chunk.size) - chunk.file_offset
         try:
-            piece = await trio.to_thread.run_sync(self.cache.read_range, chunk.digest, start,
-                                                  stop - start)
+            if stop - start <= INLINE_CACHE_READ_BYTES:
+                # A worker-thread round trip costs more than this read and check (the cache
+                # is local disk): small reads are done right here, on the event loop.
+                piece = self.cache.read_range(chunk.digest, start, stop - start)
+            else:
+                piece = await trio.to_thread.run_sync(self.cache.read_range, chunk.digest,
+                                                      start, stop - start)
         except CacheError as exc:
             self.cache_errors += 1
             log.warning("chunk cache: %s", exc)
@@ -483,11 +494,16 @@ class ChunkFetcher:
                     trio.from_thread.run_sync(self._deliver, layer, outcomes, unreported_bytes,
                                               priority)
                     unreported_bytes = 0
+                    # Readers have their bytes: the disk cache write is off their path.
+                    for chunk, _, outcome in outcomes:
+                        if chunk.digest and not isinstance(outcome, BaseException):
+                            self._store(chunk.digest, outcome)
         finally:
             pieces.close()
 
     def _decode(self, layer, chunk: Chunk, member: bytes):
-        """The chunk's verified bytes, or the LazyfsError that makes them unusable."""
+        """The chunk's verified bytes, or the LazyfsError that makes them unusable. The caller
+        caches them (after handing them to their readers)."""
         try:
             data = layer.codec.decompress_prefix(member, chunk.inner_offset + chunk.size)
             data = data[chunk.inner_offset:]
@@ -497,7 +513,6 @@ class ChunkFetcher:
                     raise VerificationError(
                         f"{layer.spec.label}: chunk at blob offset {chunk.blob_offset} has "
                         f"digest {actual}, the TOC says {chunk.digest}")
-                self._store(chunk.digest, data)
             elif layer.verified:
                 # A verified layer without a chunk digest cannot be served: that is the rule.
                 raise VerificationError(f"{layer.spec.label}: chunk at blob offset "

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from typing import TextIO
 
-from lazyfs import oci_layout
-from lazyfs.blobfile import LocalBlob, SeekableLayer
+from lazyfs.blobfile import SeekableLayer, SourceBlob
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format import oci
-from lazyfs.format.seekable import MAX_FOOTER_SIZE, locate_toc
 from lazyfs.format.toc import entry_to_json
+from lazyfs.imageref import LoneBlob, SourceOptions, open_reference
+from lazyfs.source import copy_to_file
 from lazyfs.verify import LayerCheck, verify_layer
 
 
-def _layer_report(path: str) -> dict:
-    with LocalBlob(path) as blob:
+def _layer_report(blob: SourceBlob) -> dict:
+    with blob:
         layer = SeekableLayer.open(blob)
         chunk_count = sum(len(item.chunks) for item in layer.entries)
         file_bytes = sum(item.entry.size for item in layer.entries if item.entry.type == "reg")
@@ -45,39 +48,25 @@ def _entry_report(item) -> dict:
     return out
 
 
-def inspect_target(target: str) -> dict:
-    """A JSON-ready description: {"kind", "layers": [...]} (plus manifest data for images)."""
-    image = _open_image_or_none(target)
-    if image is None:
-        return {"kind": "blob", "path": target, "layers": [_layer_report(target)]}
+def inspect_target(target: str, sources: SourceOptions | None = None) -> dict:
+    """A JSON-ready description: {"kind", "layers": [...]} (plus manifest data for images).
+
+    Only footers and TOCs are read, so a remote image is inspected without downloading it.
+    """
+    sources = sources or SourceOptions()
+    image = open_reference(target, sources=sources)
+    if isinstance(image, LoneBlob):
+        blob = SourceBlob(sources.open(image.location))
+        return {"kind": "blob", "path": target, "layers": [_layer_report(blob)]}
     with image:
         layers = []
         for descriptor in image.layers:
             report = {"digest": descriptor.digest, "media_type": descriptor.media_type,
                       "annotations": dict(descriptor.annotations or {})}
-            report.update(_layer_report(image.blob_path(descriptor)))
+            report.update(_layer_report(SourceBlob(image.blobs.open_source(descriptor))))
             layers.append(report)
         return {"kind": "image", "path": target, "tag": image.tag,
                 "manifest_digest": image.manifest_descriptor.digest, "layers": layers}
-
-
-def _open_image_or_none(target: str):
-    """An OCI image (layout dir or oci-archive, with optional :TAG or @DIGEST), or None for a
-    lone blob: a file that ends with a seekable-layer footer."""
-    if os.path.isfile(target) and _has_footer(target):
-        return None
-    return oci_layout.open_image(target)
-
-
-def _has_footer(path: str) -> bool:
-    with LocalBlob(path) as blob:
-        tail_size = min(blob.size, MAX_FOOTER_SIZE)
-        tail = blob.read_at(blob.size - tail_size, tail_size)
-        try:
-            locate_toc(tail, blob.size)
-        except FormatError:
-            return False
-    return True
 
 
 def _layer_checks(image) -> Iterator[tuple[LayerCheck, str]]:
@@ -93,9 +82,11 @@ def _layer_checks(image) -> Iterator[tuple[LayerCheck, str]]:
         if size is not None and not (size.isascii() and size.isdigit()):
             raise FormatError(f"layer {descriptor.digest}: {oci.ANNOTATION_UNCOMPRESSED_SIZE} "
                               f"is not a decimal size: {size[:40]!r}")
+        # Unverified path: verify_layer checks the blob digest itself, last, after the TOC and
+        # the chunks, so a damaged layer is reported by its first bad chunk (and hashed once).
         yield (LayerCheck(toc_digest=toc_digest, blob_digest=descriptor.digest, diff_id=diff_id,
                           uncompressed_size=None if size is None else int(size)),
-               image.blob_path(descriptor))
+               image.blobs.unverified_path(descriptor))
 
 
 def print_report(report: dict, out: TextIO) -> None:
@@ -116,18 +107,52 @@ def print_report(report: dict, out: TextIO) -> None:
                   f"{len(entry['chunks']):>4}  {entry['name']}{link}", file=out)
 
 
-def verify_target(target: str, toc_digest: str | None) -> Iterator[str]:
-    """Verify every layer, yielding one line per verified layer; raises on the first failure."""
-    image = _open_image_or_none(target)
-    if image is None:
-        report = verify_layer(target, LayerCheck(toc_digest=toc_digest))
+def verify_target(target: str, toc_digest: str | None,
+                  sources: SourceOptions | None = None,
+                  verify_keys: tuple[str, ...] = ()) -> Iterator[str]:
+    """Verify every layer, yielding one line per verified layer; raises on the first failure.
+
+    Every byte is checked, so remote layers are copied to temporary files first. With
+    `verify_keys`, the manifest's signature is checked first (lazyfs.signing).
+    """
+    if verify_keys:
+        from lazyfs import signing   # cryptography is imported only by those who verify
+    sources = sources or SourceOptions()
+    image = open_reference(target, sources=sources)
+    if isinstance(image, LoneBlob) and verify_keys:
+        raise signing.require_image_for_keys(image.location)
+    if isinstance(image, LoneBlob):
+        with _local_copy(image.location, sources) as path:
+            report = verify_layer(path, LayerCheck(toc_digest=toc_digest))
         pinned = "pinned" if toc_digest else "NOT pinned (pass --toc-digest to check it)"
         yield (f"ok {target}: {report.entries} entries, {report.chunks} chunks verified, "
                f"TOC {report.toc_digest} {pinned}")
         return
     with image:
+        if verify_keys:
+            key_path = signing.check_signed(image, verify_keys, sources)
+            yield f"ok signature of manifest {image.manifest_descriptor.digest}: {key_path}"
         for number, (check, blob_path) in enumerate(_layer_checks(image), 1):
             report = verify_layer(blob_path, check)
             yield (f"ok layer {number} {check.blob_digest}: {report.entries} entries, "
                    f"{report.chunks} chunks, TOC {report.toc_digest} pinned")
         yield f"ok image {target}: manifest {image.manifest_descriptor.digest}"
+
+
+@contextlib.contextmanager
+def _local_copy(location: str, sources: SourceOptions) -> Iterator[str]:
+    """A local path holding the blob at location (itself when it is a local file)."""
+    if os.path.isfile(location):
+        yield location
+        return
+    work_dir = tempfile.mkdtemp(prefix="lazyfs-verify-")
+    try:
+        path = os.path.join(work_dir, "blob")
+        source = sources.open(location)
+        try:
+            copy_to_file(source, path)
+        finally:
+            source.close()
+        yield path
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError, NotFound
@@ -38,17 +39,38 @@ class MountOptions:
     log_file: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
     ca_cert: str | None = None
+    s3_endpoint: str | None = None
+    # The kernel's readahead window for the mount, which also caps its read requests (FUSE
+    # allows up to 1 MiB): bigger requests, fewer of them.
+    kernel_readahead_bytes: int = 1 << 20
     fetch: FetchOptions = field(default_factory=FetchOptions)  # connections, retries, prefetch
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
     # path at its first read to that file. None: no recording.
     record: object | None = None
+    # Public keys (PEM paths): refuse the image unless one of them signed it (lazyfs.signing).
+    verify_keys: tuple[str, ...] = ()
+
+    def source_options(self):
+        """How to reach the image's store (lazyfs.imageref.SourceOptions)."""
+        from lazyfs.imageref import SourceOptions
+
+        return SourceOptions(headers=self.headers or None, ca_cert=self.ca_cert,
+                             timeout=self.fetch.timeouts_s(), s3_endpoint=self.s3_endpoint)
 
 
-def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False) -> int:
+def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False,
+          image=None) -> int:
+    """Mount `ref` at `mountpoint`; in a background daemon unless options.foreground.
+
+    `image`: ref already resolved (a lazyfs.image.MountImage), as `lazyfs run` has it after
+    reading the image config: the daemon, a fork of this process, serves it without fetching
+    index, manifest and config again, and reuses its kept-alive connections. The caller must
+    not close it (the daemon owns it from then on).
+    """
     if not os.path.isdir(mountpoint):
         raise NotFound(f"mountpoint {mountpoint} is not a directory")
     if options.foreground:
-        return _serve(ref, mountpoint, options, ready_fd=None)
+        return _serve(ref, mountpoint, options, ready_fd=None, image=image)
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -57,7 +79,7 @@ def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = Fal
         _detach_stdio(options.log_file)
         code = 1
         try:
-            code = _serve(ref, mountpoint, options, ready_fd=write_fd)
+            code = _serve(ref, mountpoint, options, ready_fd=write_fd, image=image)
         finally:
             os._exit(code)
     os.close(write_fd)
@@ -87,12 +109,13 @@ def _report(ready_fd: int | None, message: str) -> None:
         os.close(ready_fd)
 
 
-def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None) -> int:
+def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None,
+           image=None) -> int:
     import pyfuse3
     import trio
 
     try:
-        session = open_session(ref, options)
+        session = open_session(ref, options, image=image)
     except LazyfsError as exc:
         _report(ready_fd, f"{exc.exit_code} lazyfs mount: error: {exc}")
         if ready_fd is None:
@@ -110,7 +133,7 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
         except RuntimeError as exc:
             _report(ready_fd, f"1 lazyfs mount: error: cannot mount at {mountpoint}: {exc}")
             return 1
-        _report(ready_fd, "ok")
+        _when_serving(mountpoint, options.kernel_readahead_bytes, ready_fd)
         try:
             trio.run(_main, session)
         finally:
@@ -118,6 +141,36 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
     finally:
         session.close()
     return 0
+
+
+def _when_serving(mountpoint: str, readahead_bytes: int, ready_fd: int | None) -> None:
+    """Once the mount answers, tune the kernel's readahead for it, then report it ready.
+
+    The FUSE handshake (INIT) happens when the loop starts and lowers the readahead window to
+    what the daemon accepts, so the setting must come after it: a thread stats the mount
+    root, which the kernel holds until INIT is done and the loop answers. Reporting "ok" only
+    then also means that `lazyfs mount` returns when the mount really serves."""
+    def wait_then_tune() -> None:
+        try:
+            device = os.stat(mountpoint).st_dev
+        except OSError as exc:
+            _report(ready_fd, f"1 lazyfs mount: error: the mount at {mountpoint} does not "
+                              f"answer: {exc.strerror}")
+            return
+        _tune_readahead(device, readahead_bytes)
+        _report(ready_fd, "ok")
+
+    threading.Thread(target=wait_then_tune, name="lazyfs-ready", daemon=True).start()
+
+
+def _tune_readahead(device: int, size_bytes: int) -> None:
+    """Let sequential reads reach the daemon as 1 MiB requests instead of the kernel's
+    default 128 KiB: each FUSE request costs the daemon a fixed ~0.1-0.3 ms, so 8x fewer of
+    them is most of the sequential throughput (docs/benchmarks.md). Best effort: root only."""
+    from lazyfs import linux
+
+    if not linux.set_readahead(device, size_bytes):
+        log.info("could not set the kernel readahead of the mount (not root?)")
 
 
 async def _main(session: "Session") -> None:
@@ -150,23 +203,24 @@ class Session:
     background: object = None  # async fn(task_status=...): prefetch, then background fetch
 
 
-def open_session(ref: str, options: MountOptions) -> Session:
-    """Everything a mount serves, ready before the kernel sees it: errors surface here."""
+def open_session(ref: str, options: MountOptions, image=None) -> Session:
+    """Everything a mount serves, ready before the kernel sees it: errors surface here.
+
+    `image`: ref already resolved (see mount()); None to resolve it here."""
     from lazyfs.cache import ChunkCache, default_cache_dir
     from lazyfs.fetch import ChunkFetcher
     from lazyfs.prefetch import prefetch_and_background
     from lazyfs.fs import LazyFS
-    from lazyfs.image import SourceOptions, resolve_mount_image
-    from lazyfs.layer import open_layer
+    from lazyfs.layer import open_layers
     from lazyfs.tree import build_tree
 
-    image = resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
-                                sources=SourceOptions(headers=options.headers or None,
-                                                      ca_cert=options.ca_cert,
-                                                      timeout=options.fetch.timeouts_s()))
+    if image is None:
+        image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
-        layers = [open_layer(index, spec, cache) for index, spec in enumerate(image.layers)]
+        if options.fetch.prefetch:
+            _start_speculative_prefetch(image.layers, cache)
+        layers = open_layers(image.layers, cache)
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
@@ -177,14 +231,60 @@ def open_session(ref: str, options: MountOptions) -> Session:
             log.warning("%s: %s", ref, description["warning"])
         recorder = options.record.open(tree) if options.record is not None else None
         return Session(LazyFS(tree, layers, fetcher, description=description, recorder=recorder),
-                       lambda: _close_image(image),
+                       lambda: close_image(image),
                        functools.partial(prefetch_and_background, fetcher))
     except BaseException:
-        _close_image(image)
+        close_image(image)
         raise
 
 
-def _close_image(image) -> None:
+def _start_speculative_prefetch(specs, cache) -> None:
+    """Start downloading each remote layer's prioritized files now, side by side with the TOC
+    fetch (lazyfs/source/speculative.py). Only on a cold mount: a cached TOC means the layer
+    was mounted before, and its prefetched chunks are likely in the cache already."""
+    from lazyfs.source.file import FileSource
+    from lazyfs.source.speculative import SpeculativeSource
+
+    for spec in specs:
+        if (spec.prefetch_end and not isinstance(spec.source, FileSource)
+                and not (spec.toc_digest and cache.has_toc(spec.toc_digest))):
+            spec.source = SpeculativeSource(spec.source, spec.prefetch_end)
+
+
+def resolve_image(ref: str, options: MountOptions):
+    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config.
+
+    Resolving a remote image is a few round trips of waiting; meanwhile a thread imports what
+    serving the mount needs (trio, pyfuse3, the fetcher: ~0.1 s of a cold start)."""
+    from lazyfs.image import resolve_mount_image
+
+    importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
+                                daemon=True)
+    importer.start()
+    try:
+        return resolve_mount_image(ref, toc_digest=options.toc_digest, insecure=options.insecure,
+                                   sources=options.source_options(),
+                                   verify_keys=options.verify_keys)
+    finally:
+        importer.join()  # no thread may be running when `mount` forks the daemon
+
+
+# What a mount daemon imports before it serves (open_session, _serve).
+_SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.fs",
+                    "lazyfs.layer", "lazyfs.prefetch", "lazyfs.tree")
+
+
+def _import_serving_modules() -> None:
+    import importlib
+
+    try:
+        for name in _SERVING_MODULES:
+            importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - the real import, later, reports it
+        log.debug("preloading the serving modules failed", exc_info=True)
+
+
+def close_image(image) -> None:
     for spec in image.layers:
         spec.source.close()
     image.close()

@@ -22,6 +22,7 @@ import hashlib
 import os
 import platform as host
 import posixpath
+import re
 import shutil
 import tarfile
 import tempfile
@@ -110,6 +111,12 @@ class LocalBlobs:
         loading, and each chunk is checked against the TOC, which the manifest pins.
         """
         return self._locate(oci.check_digest(desc.digest, "blob"))
+
+    def open_source(self, desc: Descriptor):
+        """A BlobSource over the unverified blob, for a mount (which verifies every chunk)."""
+        from lazyfs.source.file import FileSource
+
+        return FileSource(self.unverified_path(desc))
 
     def read(self, desc: Descriptor, max_size: int = MAX_JSON_BYTES) -> bytes:
         """The verified bytes of a small blob (a JSON document)."""
@@ -211,7 +218,10 @@ def load_image(blobs: LocalBlobs, manifest_desc: Descriptor, *, name: str,
             raise FormatError(f"{where}: not a container image"
                               f" (config media type {manifest.config.media_type!r})")
         config_bytes = blobs.read(manifest.config)
-        config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}")
+        signatures = bool(manifest.layers) and all(
+            d.media_type == oci.COSIGN_SIMPLE_SIGNING for d in manifest.layers)
+        config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}",
+                                  require_platform=not signatures)
         diff_id_count = len(oci.config_diff_ids(config))
         if diff_id_count != len(manifest.layers):
             raise FormatError(f"{where}: {len(manifest.layers)} layers but the config lists"
@@ -399,6 +409,10 @@ def resolve_in_index(blobs: LocalBlobs, index: oci.Index, reference: Reference,
 def _entries_for_tag(entries: tuple[Descriptor, ...], tag: str | None,
                      name: str) -> tuple[list[Descriptor], str | None]:
     """The top-level entries a tag (or no tag) designates, and the tag they carry."""
+    if tag is None:
+        # Signatures stored beside an image (cosign's sha256-<hex>.sig tags) are not images:
+        # "the layout's only image" ignores them.
+        entries = tuple(d for d in entries if not _is_signature_tag(d.ref_name))
     tags = sorted({d.ref_name for d in entries if d.ref_name})
     available = ", ".join(tags) or "(none)"
     if tag is not None:
@@ -413,6 +427,13 @@ def _entries_for_tag(entries: tuple[Descriptor, ...], tag: str | None,
         raise NotFound(f"{name}: index.json lists no manifests")
     # Several entries under one tag (or none) differ by platform: _descend chooses.
     return list(entries), tags[0] if tags else None
+
+
+_SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}\.sig")
+
+
+def _is_signature_tag(tag: str | None) -> bool:
+    return tag is not None and _SIGNATURE_TAG.fullmatch(tag) is not None
 
 
 def _descend(blobs: LocalBlobs, candidates: list[Descriptor], wanted: Platform, name: str,

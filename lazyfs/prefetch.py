@@ -93,6 +93,9 @@ async def _prefetch_layer(fetcher, layer, claimed) -> None:
             await fetcher.run_job(layer, claimed, Priority.PREFETCH, max_range_bytes=None)
     except Exception as exc:  # noqa: BLE001 - never end the mount
         _record(stats, "prefetch", exc)
+    discard = getattr(layer.source, "discard", None)  # a SpeculativeSource's unused window
+    if discard is not None:
+        discard()
     stats.prefetch_done = True
 
 

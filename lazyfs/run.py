@@ -1,7 +1,7 @@
 """`lazyfs run IMAGE [-- CMD ARGS...]`: start a program from a lazily mounted image.
 
     config = the image config (Entrypoint/Cmd, Env, WorkingDir, User), read up front; the
-             mount is of the same manifest (see image.resolve_image_config)
+             mount daemon, forked from here, serves the layers of that same resolution
     lower  = the image, mounted read-only by a lazyfs daemon
     merged = overlayfs(lower, upper = a temporary directory) so the program can write
 
@@ -139,7 +139,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
     from it that the program ran, and reads the mount's stats).
     """
-    from lazyfs.image import SourceOptions, resolve_image_config
+    from lazyfs.mount import close_image, resolve_image
 
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
@@ -152,12 +152,18 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
         from lazyfs.crun import find_crun
 
         crun = find_crun()
-    config, pinned = resolve_image_config(
-        image, sources=SourceOptions(headers=options.headers or None, ca_cert=options.ca_cert))
-    command_for(config, command)  # no command at all: say so before mounting anything
+    # Resolved once, here: the config decides what runs, and the mount daemon (a fork of this
+    # process) serves the very same manifest's layers without fetching anything again.
+    resolved = resolve_image(image, options)
+    config = resolved.config
+    try:
+        command_for(config, command)  # no command at all: say so before mounting anything
+    except BaseException:
+        close_image(resolved)
+        raise
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False
-    code = mount(pinned, lower, options, quiet=True)
+    code = mount(image, lower, options, quiet=True, image=resolved)
     if code != 0:
         os.rmdir(lower)
         return code

@@ -68,11 +68,16 @@ class NginxServer:
     """nginx serving `root_dir` on 127.0.0.1:<free port>; use as a context manager.
 
     `tls=(cert_path, key_path)` serves https instead. `log_headers` are request headers recorded
-    in each log record (lower-case names).
+    in each log record (lower-case names). `locations` replaces the plain static `location / { }`
+    and `http_directives` go in the http block (relative paths there resolve in the server's
+    private prefix): a caching proxy, headers, the configs the docs publish.
     """
 
     def __init__(self, root_dir: str | os.PathLike, *, tls: tuple[str, str] | None = None,
-                 log_headers: tuple[str, ...] = ("x-lazyfs-test", "user-agent")):
+                 log_headers: tuple[str, ...] = ("x-lazyfs-test", "user-agent"),
+                 locations: str = "location / { }", http_directives: str = ""):
+        self.locations = locations
+        self.http_directives = http_directives
         self.root = Path(root_dir).resolve()
         self.tls = tls
         self.log_headers = tuple(name.lower() for name in log_headers)
@@ -173,13 +178,14 @@ http {{
     uwsgi_temp_path "{prefix}/uwsgi";
     scgi_temp_path "{prefix}/scgi";
     keepalive_requests 100000;
+    {self.http_directives}
     server {{
         listen {listen};
         server_name localhost;
         {tls}
         root "{self.root}";
         location = {_SYNC_URI} {{ return 204; }}
-        location / {{ }}
+        {self.locations}
     }}
 }}
 """

@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,22 @@ def test_a_killed_daemon_leaves_a_mount_umount_can_clear(image, mount_dir, tmp_p
         cleared = subprocess.run(lazyfs_cmd("umount", mount_dir), capture_output=True, text=True)
         assert cleared.returncode == 0, cleared.stderr
         assert not os.path.ismount(mount_dir)
+
+
+def _bdi_readahead_kib(mount_dir: Path) -> int:
+    device = os.stat(mount_dir).st_dev
+    path = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+    return int(path.read_text())
+
+
+@pytest.mark.parametrize("option, expected_kib", [((), 1024), (("--kernel-readahead", "256K"), 256)])
+def test_the_kernel_readahead_is_set_so_reads_arrive_in_big_requests(image, mount_dir, tmp_path,
+                                                                    option, expected_kib):
+    _, converted, _ = image
+    with mounted(f"{converted}:{TAG}", mount_dir, *option, cache_dir=tmp_path / "cache"):
+        # A --foreground mount is up before it tunes (the daemon's readiness report waits).
+        deadline = time.monotonic() + 10
+        while _bdi_readahead_kib(mount_dir) != expected_kib and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _bdi_readahead_kib(mount_dir) == expected_kib
+        assert (mount_dir / "data/big.bin").read_bytes() == BIG

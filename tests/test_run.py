@@ -279,3 +279,20 @@ def test_cgroup2_is_hidden_from_crun_only_on_hybrid_hosts():
     assert crun.cgroup2_mounts_to_hide(hybrid) == ["/sys/fs/cgroup/unified"]
     assert crun.cgroup2_mounts_to_hide([("/sys/fs/cgroup", "cgroup2")]) == []
     assert crun.cgroup2_mounts_to_hide(hybrid[:3]) == []
+
+
+def test_over_http_the_image_documents_are_fetched_once(images, nginx, scratch, tmp_path):
+    """`run` resolves the image for its config, and the mount daemon it forks serves that same
+    resolution: index, manifest and config cross the network once, on one connection."""
+    layout, _, tag = images["env"].rpartition(":")
+    shutil.copytree(layout, Path(nginx.root) / "env")
+    done = run(f"{nginx.url}/env:{tag}", "/bin/sh", "-c", "echo $FOO; cat /etc/release",
+               scratch=scratch, cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from the image config\nbusybox test image 1\n"
+    documents = [r.uri for r in nginx.requests() if r.range == "" or r.uri.endswith(".json")]
+    assert documents.count("/env/index.json") == 1
+    # the manifest and the config: two whole-blob GETs, each once; the layers only by range
+    whole_blobs = [uri for uri in documents if "/blobs/" in uri]
+    assert len(whole_blobs) == 2 and len(set(whole_blobs)) == 2
+    assert_cleaned_up(scratch)

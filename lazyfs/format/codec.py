@@ -113,7 +113,25 @@ class ZstdCodec:
         never more, whatever the frames claim."""
         if length == 0:
             return b""
-        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(member), read_across_frames=True)
+        decompressor = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = self._local.decompressor = zstandard.ZstdDecompressor()
+        try:
+            declared = zstandard.frame_content_size(member)
+        except zstandard.ZstdError as exc:
+            raise FormatError(f"corrupt zstd frame: {exc}") from None
+        if declared == length:
+            # The usual member: one frame holding exactly the chunk (what writers emit). One
+            # call, no copies; the output is bounded by the declared size, which equals the
+            # length the TOC allows, and zstd checks the frame against it (and its checksum).
+            try:
+                out = decompressor.decompress(member)
+            except zstandard.ZstdError as exc:
+                raise FormatError(f"corrupt zstd frame: {exc}") from None
+            if len(out) != length:
+                raise FormatError(f"zstd frame holds {len(out)} bytes, {length} expected")
+            return out
+        reader = decompressor.stream_reader(io.BytesIO(member), read_across_frames=True)
         parts, have = [], 0
         try:
             while have < length:

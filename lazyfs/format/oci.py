@@ -51,8 +51,15 @@ LAYER_MEDIA_TYPES = frozenset({
 ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 # Size in bytes of the decompressed layer, as a decimal string (containers/image's name).
 ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+# lazyfs' own hint: the blob offset where a layer's prioritized files end (its
+# `.prefetch.landmark` member), as a decimal string. A mount starts downloading [0, offset)
+# while it fetches the TOC; the bytes are verified against the TOC like any others, so a wrong
+# value costs a bounded useless download, never a wrong byte. Absent: nothing is prioritized.
+ANNOTATION_PREFETCH_END = "dev.lazyfs.prefetch.end-offset"
 # The tag of a manifest inside an OCI layout's index.json.
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
+# The layers of a cosign signature manifest (lazyfs.signing): signed JSON payloads.
+COSIGN_SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
 
 # The whole content of an OCI layout's `oci-layout` file.
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -224,8 +231,12 @@ def parse_manifest(data: bytes, where: str = "manifest") -> Manifest:
     )
 
 
-def parse_config(data: bytes, where: str = "config") -> dict[str, Any]:
-    """Parse an image config, checking the fields a converter relies on; returns the whole dict."""
+def parse_config(data: bytes, where: str = "config", *,
+                 require_platform: bool = True) -> dict[str, Any]:
+    """Parse an image config, checking the fields a converter relies on; returns the whole dict.
+
+    `require_platform` False lets os and architecture be empty, as in the configs cosign writes
+    for its signature manifests (nothing runs those)."""
     obj = parse_json_object(data, where)
     rootfs = _object(obj.get("rootfs"), f"{where}: rootfs")
     if rootfs.get("type") != "layers":
@@ -236,7 +247,7 @@ def parse_config(data: bytes, where: str = "config") -> dict[str, Any]:
     for i, diff_id in enumerate(diff_ids):
         check_digest(diff_id, f"{where}: rootfs.diff_ids[{i}]")
     for key in ("architecture", "os"):
-        _str(obj, key, where)
+        _str(obj, key, where, required=require_platform)
     return obj
 
 

@@ -59,34 +59,63 @@ def iter_ranges(source, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int
             yield index, source.read(blob_offset, length)
 
 
+# Blobs copied out whole (verify, inspect, convert and push of remote images) move in pieces
+# this big: few requests, flat memory.
+COPY_PIECE_BYTES = 8 << 20
+
+
+def copy_to_file(source, path: str, size: int | None = None) -> str:
+    """Write the whole blob (or its first `size` bytes) to `path`; its "sha256:..." digest."""
+    import hashlib
+
+    size = source.size() if size is None else size
+    hasher = hashlib.sha256()
+    with open(path, "wb") as out:
+        for blob_offset in range(0, size, COPY_PIECE_BYTES):
+            piece = source.read(blob_offset, min(COPY_PIECE_BYTES, size - blob_offset))
+            hasher.update(piece)
+            out.write(piece)
+    return "sha256:" + hasher.hexdigest()
+
+
 def check_range(blob_offset: int, length: int) -> None:
     """Negative offsets or lengths are the caller's bug, not a fetch failure."""
     if blob_offset < 0 or length < 0:
         raise ValueError(f"bad range: {length} bytes at {blob_offset}")
 
 
+def file_url_path(url: str) -> str:
+    """The local path of a file:// URL (file:///abs/path or file://localhost/abs/path)."""
+    parts = urlsplit(url)
+    # A remote host cannot be opened locally.
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"file URL with a remote host is not supported: {parts.netloc}")
+    return unquote(parts.path)
+
+
 def open_source(location: str, *, headers: dict[str, str] | None = None,
                 ca_cert: str | None = None,
-                timeout: float | tuple[float, float] = 30) -> BlobSource:
-    """A source for a plain path, a file:// URL, or an http(s):// URL.
+                timeout: float | tuple[float, float] = 30,
+                s3_endpoint: str | None = None) -> BlobSource:
+    """A source for a plain path, a file:// URL, an http(s):// URL or an s3:// URL.
 
     Only strings with "://" are URLs, so a path that happens to contain a colon stays a path.
-    `headers`, `ca_cert` and `timeout` (seconds, or (connect, read) seconds) apply to HTTP only.
+    `headers`, `ca_cert` and `timeout` (seconds, or (connect, read) seconds) apply to HTTP
+    only; `s3_endpoint` to S3 only.
     """
     if "://" not in location:
         from lazyfs.source.file import FileSource
         return FileSource(location)
-    parts = urlsplit(location)
-    scheme = parts.scheme.lower()
+    scheme = urlsplit(location).scheme.lower()
     if scheme == "file":
-        # file:///abs/path and file://localhost/abs/path; a remote host cannot be opened locally.
-        if parts.netloc not in ("", "localhost"):
-            raise FetchError(f"file URL with a remote host is not supported: {parts.netloc}")
         from lazyfs.source.file import FileSource
-        return FileSource(unquote(parts.path))
+        return FileSource(file_url_path(location))
     if scheme in ("http", "https"):
         # Imported here so that file-only users (inspect, verify) never import requests.
         from lazyfs.source.http import HttpSource
         return HttpSource(location, headers=headers, ca_cert=ca_cert, timeout=timeout)
+    if scheme == "s3":
+        from lazyfs.source.s3 import S3Source
+        return S3Source(location, endpoint_url=s3_endpoint, timeout=timeout)
     raise FetchError(f"unsupported source scheme {scheme!r} (expected a path, file://, "
-                     "http:// or https://)")
+                     "http://, https:// or s3://)")

@@ -36,6 +36,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+import requests.auth
 import urllib3
 from requests.adapters import HTTPAdapter
 
@@ -80,14 +81,16 @@ class _NoMultiRange(Exception):
 class HttpSource:
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
                  ca_cert: str | None = None, timeout: float | tuple[float, float] = 30,
-                 max_connections: int = POOL_CONNECTIONS):
+                 max_connections: int = POOL_CONNECTIONS,
+                 auth: requests.auth.AuthBase | None = None):
+        # auth: how a registry's blob URLs authenticate (lazyfs.registry); None for plain URLs.
         self.url = url
         self.requests = 0
         # None: not tried yet; True: the server answered a multi-range request properly;
         # False: it did not, so every range is its own request from now on.
         self.multi_range: bool | None = None
         self._where = redact_url(url)
-        self._client = _Client(headers, ca_cert, timeout, max_connections)
+        self._client = _Client(headers, ca_cert, timeout, max_connections, auth=auth)
         self._count_lock = threading.Lock()
         # Held while probing the size, so that threads asking at once cost one HEAD, not many.
         self._size_lock = threading.Lock()
@@ -440,7 +443,8 @@ class _Client:
     """
 
     def __init__(self, headers: dict[str, str] | None, ca_cert: str | None,
-                 timeout: float | tuple[float, float], max_connections: int = POOL_CONNECTIONS):
+                 timeout: float | tuple[float, float], max_connections: int = POOL_CONNECTIONS,
+                 auth: requests.auth.AuthBase | None = None):
         if ca_cert is not None and not os.path.isfile(ca_cert):
             raise NotFound(f"no such CA certificate file: {ca_cert}")
         self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else timeout
@@ -453,6 +457,9 @@ class _Client:
         # would make Content-Length and Content-Range count something else.
         self.session.headers.update({"Accept-Encoding": "identity", "User-Agent": "lazyfs"})
         self.session.headers.update(headers or {})
+        # requests drops the Authorization header when a redirect leaves the host, so a
+        # registry's credentials never reach the storage a blob is redirected to.
+        self.session.auth = auth
 
     def set_pool_size(self, max_connections: int) -> None:
         # max_retries=0: the fetcher owns retries, and must see every failure to count it.
@@ -468,9 +475,9 @@ class _Client:
         return f"{self.timeout} s"
 
     def send(self, method: str, url: str, where: str,
-             headers: dict[str, str] | None = None) -> requests.Response:
+             headers: dict[str, str] | None = None, data=None) -> requests.Response:
         try:
-            return self.session.request(method, url, headers=headers, stream=True,
+            return self.session.request(method, url, headers=headers, data=data, stream=True,
                                         timeout=self.timeout, verify=self.verify,
                                         allow_redirects=True)
         except requests.exceptions.SSLError as exc:

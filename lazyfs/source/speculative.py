@@ -1,0 +1,160 @@
+"""A source that starts downloading a layer's prefetch region before anyone asks for it.
+
+A cold mount needs the layer's TOC before it knows which chunks the prefetch wants, and the
+TOC sits at the end of the blob: fetching them one after the other costs the TOC's transfer and
+round trips before the first prefetched byte. The prioritized files are at the start of the
+blob, though, and the converter records where they end in a layer annotation
+(`lazyfs.format.oci.ANNOTATION_PREFETCH_END`). With it, the mount starts this download of
+[0, end) at once, side by side with the TOC fetch, and the prefetch later consumes it as if
+its own request were streaming in.
+
+Nothing here is trusted more than any other source: the bytes are raw blob bytes, cut into
+members, inflated and checked against the TOC's chunk digests by the fetcher like all others.
+A wrong or hostile annotation only wastes at most MAX_SPECULATIVE_BYTES of download: a request
+that is not inside the speculated window goes to the underlying source.
+
+The window serves one consumer, once (the prefetch): it is dropped as soon as a request inside
+it has been served, or when the prefetch ends without one (`discard`), so its memory is held
+only during the mount's first seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+
+from lazyfs.errors import FetchError
+from lazyfs.source import iter_ranges
+
+log = logging.getLogger(__name__)
+
+# A speculative download is held in memory until the prefetch consumes it: this bounds it (and
+# what a lying annotation can make a mount download for nothing).
+MAX_SPECULATIVE_BYTES = 64 << 20
+
+
+class SpeculativeSource:
+    """Wraps a BlobSource; downloads [0, end_offset) in a thread from construction on."""
+
+    def __init__(self, inner, end_offset: int):
+        self.inner = inner
+        self.end_offset = min(end_offset, MAX_SPECULATIVE_BYTES)
+        self._buffer = bytearray()
+        self._error: BaseException | None = None
+        self._done = False
+        self._used = False  # the window has its one consumer, or was given up
+        self._released = False  # and its memory is freed: the download stops keeping bytes
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._download, name="lazyfs-speculative",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- BlobSource -------------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> int:
+        return self.inner.requests
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def set_pool_size(self, max_connections: int) -> None:
+        set_pool_size = getattr(self.inner, "set_pool_size", None)
+        if set_pool_size is not None:
+            set_pool_size(max_connections)
+
+    def read(self, blob_offset: int, length: int) -> bytes:
+        if not self._covers([(blob_offset, length)]):
+            return self.inner.read(blob_offset, length)
+        return b"".join(piece for _, piece in self._serve([(blob_offset, length)]))
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        if self._covers(ranges):
+            yield from self._serve(ranges)
+        else:
+            yield from iter_ranges(self.inner, ranges)
+
+    def close(self) -> None:
+        self._give_up()
+        self.inner.close()
+
+    # -- the window -------------------------------------------------------------------------------
+
+    def discard(self) -> None:
+        """The prefetch is over: whatever it did not consume is not needed any more."""
+        self._give_up()
+
+    def _covers(self, ranges: Sequence[tuple[int, int]]) -> bool:
+        """Whether these ranges are for the window (all in it, and it is unused). Others (the
+        TOC, on-demand reads) go to the underlying source and leave the window alone."""
+        with self._changed:
+            if self._used:
+                return False
+            inside = all(offset >= 0 and offset + length <= self.end_offset
+                         for offset, length in ranges)
+            if inside:
+                self._used = True
+            return inside
+
+    def _serve(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
+        """The pieces of each range, as the download brings them in."""
+        try:
+            for index, (blob_offset, length) in enumerate(ranges):
+                position, end = blob_offset, blob_offset + length
+                while position < end:
+                    available = self._wait_for(position)
+                    stop = min(end, available)
+                    yield index, bytes(self._buffer[position:stop])
+                    position = stop
+        finally:
+            self._release()
+
+    def _wait_for(self, blob_offset: int) -> int:
+        """How far the download has got, once it has passed blob_offset; raises if it failed."""
+        with self._changed:
+            while len(self._buffer) <= blob_offset:
+                if self._error is not None:
+                    raise FetchError(f"{self.describe()}: speculative prefetch download failed: "
+                                     f"{self._error}", retriable=True) from None
+                if self._done:
+                    raise FetchError(f"{self.describe()}: speculative prefetch download ended "
+                                     f"at {len(self._buffer)} bytes", retriable=True)
+                self._changed.wait()
+            return len(self._buffer)
+
+    def _download(self) -> None:
+        try:
+            for _, piece in iter_ranges(self.inner, [(0, self.end_offset)]):
+                with self._changed:
+                    if self._released:
+                        return
+                    self._buffer += piece
+                    self._changed.notify_all()
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which retries
+            log.debug("speculative download of %s failed: %s", self.describe(), exc)
+            with self._changed:
+                self._error = exc
+        finally:
+            with self._changed:
+                self._done = True
+                self._changed.notify_all()
+
+    def _give_up(self) -> None:
+        """The window will serve nobody (the prefetch is over, or the mount is closing)."""
+        with self._changed:
+            if not self._used:
+                self._used = True
+                self._release_locked()
+
+    def _release(self) -> None:
+        with self._changed:
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        self._released = True
+        self._buffer = bytearray()
+        self._changed.notify_all()

@@ -1,0 +1,119 @@
+"""The speculative prefetch download (lazyfs/source/speculative.py) over a real nginx: the
+window is fetched once, served to the one request inside it, and never trusted more than any
+other source's bytes; and the converter writes the annotation that starts it."""
+
+from __future__ import annotations
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from converter.image import convert_image
+from converter.layer import LayerOptions
+from lazyfs.blobfile import LocalBlob, SeekableLayer
+from lazyfs.errors import FetchError
+from lazyfs.format import oci
+from lazyfs.oci_layout import open_image
+from lazyfs.source.http import HttpSource
+from lazyfs.source.speculative import MAX_SPECULATIVE_BYTES, SpeculativeSource
+from tests.imagebuild import write_layout
+from tests.tarbuild import dir_, file_
+
+BLOB = random.Random(5).randbytes(3 << 20)
+WINDOW = 2 << 20
+
+
+@pytest.fixture
+def blob_url(nginx):
+    (Path(nginx.root) / "blob").write_bytes(BLOB)
+    return f"{nginx.url}/blob"
+
+
+def blob_ranges(nginx) -> list[str]:
+    return [r.range for r in nginx.requests() if r.uri == "/blob"]
+
+
+def test_the_window_is_downloaded_once_and_streamed_to_its_request(nginx, blob_url):
+    source = SpeculativeSource(HttpSource(blob_url), WINDOW)
+    try:
+        # Something else first (as the TOC read is): it goes to the server, the window stays.
+        assert source.read(len(BLOB) - 100, 100) == BLOB[-100:]
+        pieces = list(source.read_ranges([(198, 1000), (5000, WINDOW - 5000)]))
+        assert b"".join(p for i, p in pieces if i == 0) == BLOB[198:1198]
+        assert b"".join(p for i, p in pieces if i == 1) == BLOB[5000:WINDOW]
+        assert sorted(blob_ranges(nginx)) == sorted([f"bytes=0-{WINDOW - 1}",
+                                                     f"bytes={len(BLOB) - 100}-{len(BLOB) - 1}"])
+        # The window served its one request: the same range again is a new request.
+        assert source.read(198, 1000) == BLOB[198:1198]
+        assert len(blob_ranges(nginx)) == 3
+    finally:
+        source.close()
+
+
+def test_a_request_past_the_window_goes_to_the_server(nginx, blob_url):
+    source = SpeculativeSource(HttpSource(blob_url), WINDOW)
+    try:
+        assert source.read(WINDOW - 10, 20) == BLOB[WINDOW - 10:WINDOW + 10]
+        assert f"bytes={WINDOW - 10}-{WINDOW + 9}" in blob_ranges(nginx)
+        source.discard()  # the prefetch ended without using it: the memory goes
+        assert source.read(0, 10) == BLOB[:10]
+    finally:
+        source.close()
+
+
+def test_a_failed_download_is_a_retriable_error_then_the_server_is_asked(nginx, blob_url):
+    # A window past the end of the blob: the download fails (416), as a lying annotation would.
+    source = SpeculativeSource(HttpSource(blob_url), len(BLOB) + 4096)
+    try:
+        with pytest.raises(FetchError) as caught:
+            source.read(0, 100)
+        assert caught.value.retriable
+        assert source.read(0, 100) == BLOB[:100]  # the fetcher's retry
+    finally:
+        source.close()
+
+
+def test_a_huge_annotation_is_capped():
+    class Recorder:
+        requests = 0
+        asked: list = []
+        done = threading.Event()
+
+        def read(self, blob_offset, length):
+            self.asked.append((blob_offset, length))
+            self.done.set()
+            return bytes(length)
+
+        def describe(self):
+            return "recorder"
+
+        def close(self):
+            pass
+
+    inner = Recorder()
+    source = SpeculativeSource(inner, 10 << 40)
+    assert inner.done.wait(10)
+    assert inner.asked == [(0, MAX_SPECULATIVE_BYTES)]
+    source.close()
+
+
+def test_the_converter_records_where_the_prioritized_files_end(tmp_path, layer_format):
+    members = [dir_("app/"), file_("app/first", b"a" * 5000), file_("app/later", b"b" * 7000)]
+    source = write_layout(tmp_path / "source", [members], "t")
+    out = tmp_path / "out"
+    convert_image(f"{source}:t", str(out), archive=False,
+                  options=LayerOptions(format=layer_format, prioritized_files=("app/first",)))
+    plain = tmp_path / "plain"
+    convert_image(f"{source}:t", str(plain), archive=False,
+                  options=LayerOptions(format=layer_format))
+    with open_image(f"{out}:t") as image:
+        [desc] = image.layers
+        end = int(desc.annotations[oci.ANNOTATION_PREFETCH_END])
+        with LocalBlob(image.blob_path(desc)) as blob:
+            entries = {item.path: item for item in SeekableLayer.open(blob).entries}
+    assert end == entries[".prefetch.landmark"].chunks[0].blob_offset
+    assert entries["app/first"].chunks[-1].blob_end <= end
+    with open_image(f"{plain}:t") as image:
+        assert oci.ANNOTATION_PREFETCH_END not in image.layers[0].annotations
