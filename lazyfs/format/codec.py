@@ -35,6 +35,7 @@ from lazyfs.errors import FormatError
 GZIP_MAGIC = b"\x1f\x8b\x08"
 _DEFLATE_RAW_WBITS = -15  # raw deflate, 32 KiB window: we write the gzip framing ourselves
 _GZIP_WBITS = 31  # 16 + 15: inflate with gzip framing, checking the CRC and ISIZE
+_ZSTD_READ_PIECE = 8 << 20  # a default 4 MiB chunk still inflates in one read
 
 
 def _xfl_for_level(level: int) -> int:
@@ -134,7 +135,9 @@ class ZstdCodec:
         parts, have = [], 0
         try:
             while have < length:
-                block = reader.read(length - have)
+                # read(n) allocates n bytes up front: in pieces, memory follows what the frames
+                # really hold, not what the TOC declares.
+                block = reader.read(min(length - have, _ZSTD_READ_PIECE))
                 if not block:
                     break
                 parts.append(block)
