@@ -120,10 +120,11 @@ class ZstdCodec:
             declared = zstandard.frame_content_size(member)
         except zstandard.ZstdError as exc:
             raise FormatError(f"corrupt zstd frame: {exc}") from None
-        if declared == length:
+        if declared == length <= _ZSTD_READ_PIECE:
             # The usual member: one frame holding exactly the chunk (what writers emit). One
-            # call, no copies; the output is bounded by the declared size, which equals the
-            # length the TOC allows, and zstd checks the frame against it (and its checksum).
+            # call, no copies. It allocates the declared size up front, hence only up to one
+            # read piece, as the loop below would; zstd checks the frame against that size
+            # (and its checksum).
             try:
                 out = decompressor.decompress(member)
             except zstandard.ZstdError as exc:
