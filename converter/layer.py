@@ -36,7 +36,7 @@ from lazyfs.format.seekable import FORMATS
 from lazyfs.format.estargz import (LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
                                    TOC_TAR_NAME, build_toc_blob, sha256_digest)
 from lazyfs.format.tarmeta import TOC_TYPE_OF_TAR_TYPE, tar_xattrs
-from lazyfs.format.toc import TOC, TOCEntry, clean_name, format_modtime
+from lazyfs.format.toc import MAX_CHUNK_SIZE, TOC, TOCEntry, clean_name, format_modtime
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _RESERVED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
@@ -72,8 +72,9 @@ def convert_layer(src_path: str, dst_path: str, options: LayerOptions = LayerOpt
     The output appears atomically: it is written beside `dst_path` and renamed into place, and
     removed on any error.
     """
-    if options.chunk_size <= 0:
-        raise ValueError("chunk size must be positive")
+    if not 0 < options.chunk_size <= MAX_CHUNK_SIZE:
+        # A reader refuses larger chunks (they are inflated whole into memory).
+        raise ValueError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
     temp_path = f"{dst_path}.partial-{os.getpid()}"
     try:
         with plain_tar(src_path, temp_dir=os.path.dirname(os.path.abspath(dst_path))) as tar_path:

@@ -11,6 +11,7 @@ the chunker reads payloads at their offsets, both of which need random access.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import os
 import shutil
@@ -24,6 +25,8 @@ from typing import BinaryIO
 import zstandard
 
 from lazyfs.errors import FormatError
+from lazyfs.format.tarmeta import XATTR_PAX_PREFIX
+from lazyfs.format.toc import clean_name, unsafe_name_reason
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -108,7 +111,15 @@ def scan_members(tar_path: str) -> list[Member]:
         if "unexpected end" in str(exc):
             raise FormatError("tar is truncated: a member's data runs past the end") from None
         raise FormatError(f"not a valid tar: {exc}") from None
+    except OSError as exc:
+        # tarfile seeks past a member's data using the size in its header; a size beyond any
+        # file (base-256 fields reach 2**95, or are negative) makes that seek fail.
+        if exc.errno not in (errno.EINVAL, errno.EOVERFLOW):
+            raise
+        raise FormatError("not a valid tar: a member's size is impossible "
+                          f"({exc.strerror})") from None
     _check_end_of_archive(tar_path, end_of_members)
+    check_names(infos)
     members = []
     for index, info in enumerate(infos):
         if info.type not in SUPPORTED_TYPES:
@@ -118,6 +129,91 @@ def scan_members(tar_path: str) -> list[Member]:
         # before it (as `git archive` writes), which tarfile does not count as a member.
         members.append(Member(info=info, header_start=0 if index == 0 else info.offset))
     return members
+
+
+# Owners must fit uid_t/gid_t: the mount refuses a TOC with larger ones.
+_ID_MAX = (1 << 32) - 1
+
+
+def check_names(infos: list[tarfile.TarInfo]) -> None:
+    """Refuse a tar that would extract outside its target or ambiguously (FormatError).
+
+    What is refused, and why, given that a layer tar says what extracting it makes:
+    - a name (or hardlink target) that is absolute or has a ".." component: GNU tar strips or
+      skips those, other tools write outside the rootfs; no image builder writes them;
+    - a NUL byte in a name or link target (possible in PAX records), or a name, link target or
+      owner name that is not UTF-8, or a negative size (a PAX record): the TOC cannot carry
+      them;
+    - an entry under a symlink made earlier in this tar ("x" -> "/etc", then "x/passwd"):
+      extraction writes through the link, the mount shows a directory;
+    - a hardlink to itself, to a directory of this tar, or to a name that only comes later in
+      this tar (a cycle needs one of these): there is nothing to link to yet. A hardlink to a
+      name absent from this tar is kept: it may name a file of a lower layer;
+    - an owner id that does not fit 32 bits, an empty xattr name or one with a NUL byte.
+    Duplicate names are kept (the last one wins, as in extraction and in the mount).
+    """
+    all_paths = {clean_name(info.name) for info in infos}
+    kinds: dict[str, bytes] = {}  # path -> type of the latest entry of this tar at that path
+    for info in infos:
+        path = _checked_name(info.name, "name", info.name)
+        if "\x00" in info.linkname:
+            raise FormatError(f"tar entry {info.name!r} has a NUL byte in its link target")
+        if info.size < 0:  # a PAX "size" record may say anything
+            raise FormatError(f"tar entry {info.name!r} has a negative size {info.size}")
+        for what, text in (("name", info.name), ("link target", info.linkname),
+                           ("owner name", info.uname), ("group name", info.gname)):
+            if not _is_utf8(text):
+                raise FormatError(f"tar entry {info.name!r} has a {what} that is not UTF-8 "
+                                  f"(the TOC is JSON, which cannot hold it)")
+        if info.uid > _ID_MAX or info.gid > _ID_MAX or info.uid < 0 or info.gid < 0:
+            raise FormatError(f"tar entry {info.name!r} has an owner {info.uid}:{info.gid} "
+                              f"outside 0..{_ID_MAX}")
+        for key in info.pax_headers:
+            if key.startswith(XATTR_PAX_PREFIX) and (key == XATTR_PAX_PREFIX or "\x00" in key):
+                raise FormatError(f"tar entry {info.name!r} has an empty extended attribute "
+                                  f"name or one with a NUL byte")
+        parent = path
+        while "/" in parent:
+            parent = parent.rpartition("/")[0]
+            if kinds.get(parent) == tarfile.SYMTYPE:
+                raise FormatError(f"tar entry {info.name!r} lies under {parent!r}, a symlink "
+                                  f"earlier in the same tar")
+        kind = info.type
+        if info.type == tarfile.LNKTYPE:
+            target = _checked_name(info.linkname, "hardlink target", info.name)
+            if target == path:
+                raise FormatError(f"tar entry {info.name!r} is a hardlink to itself")
+            kind = kinds.get(target)
+            if kind is None and target in all_paths:
+                raise FormatError(f"tar entry {info.name!r} is a hardlink to {info.linkname!r}, "
+                                  f"which comes later in the tar")
+            if kind == tarfile.DIRTYPE:
+                raise FormatError(f"tar entry {info.name!r} is a hardlink to the directory "
+                                  f"{info.linkname!r}")
+            if kind is None and kinds.get(path) == tarfile.SYMTYPE:
+                # A target in no lower layer leaves the name as it was (the mount skips such a
+                # link): still this tar's symlink, for the entries that follow.
+                kind = tarfile.SYMTYPE
+        kinds[path] = kind
+
+
+def _is_utf8(text: str) -> bool:
+    """tarfile decodes bytes that are not UTF-8 as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checked_name(name: str, what: str, entry_name: str) -> str:
+    if "\x00" in name:
+        raise FormatError(f"tar entry {entry_name!r} has a NUL byte in its {what}")
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise FormatError(f"tar entry {entry_name!r}: its {what} {name!r} {reason} "
+                          f"(a layer tar names paths under its root)")
+    return clean_name(name)
 
 
 def _check_end_of_archive(tar_path: str, end_of_members: int) -> None:

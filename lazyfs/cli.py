@@ -32,6 +32,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _chunk_size(text: str) -> int:
+    from lazyfs.format.toc import MAX_CHUNK_SIZE  # readers refuse larger chunks
+
+    value = _positive_int(text)
+    if value > MAX_CHUNK_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_CHUNK_SIZE}: {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -63,7 +72,7 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="layer tar, OCI layout dir[:TAG], oci-archive or docker-archive")
     convert.add_argument("destination", help="output blob (layer input) or OCI layout directory")
     convert.add_argument("--archive", action="store_true", help="write an oci-archive tar instead of a layout")
-    convert.add_argument("--chunk-size", type=_positive_int, default=4 << 20, metavar="BYTES",
+    convert.add_argument("--chunk-size", type=_chunk_size, default=4 << 20, metavar="BYTES",
                          help="largest uncompressed chunk of a file (default 4 MiB)")
     convert.add_argument("--format", choices=FORMATS, default="estargz",
                          help="estargz (gzip members, the default) or zstd:chunked (zstd frames)")

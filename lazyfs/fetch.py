@@ -462,6 +462,7 @@ class ChunkFetcher:
         current = -1
         buffer = bytearray()
         buffer_start = 0  # blob offset of buffer[0]
+        received_end = 0  # blob offset just past the last byte received
         next_span = 0
         unreported_bytes = 0
         pieces = iter_ranges(layer.source, [(r.blob_start, r.length) for r in ranges])
@@ -472,12 +473,15 @@ class ChunkFetcher:
                 if index != current:
                     current, next_span = index, 0
                     buffer = bytearray()
-                    buffer_start = ranges[index].blob_start
-                buffer += piece
+                    buffer_start = received_end = ranges[index].blob_start
+                # After a span, buffer_start moves on to the next span's start, which may lie
+                # past what has been received (a gap inside a merged range, as between
+                # zstd:chunked members): the gap's bytes are dropped as they arrive.
+                piece_start, received_end = received_end, received_end + len(piece)
+                buffer += memoryview(piece)[max(0, buffer_start - piece_start):]
                 unreported_bytes += len(piece)
                 spans = ranges[index].spans
-                while (next_span < len(spans)
-                       and spans[next_span].blob_end <= buffer_start + len(buffer)):
+                while next_span < len(spans) and spans[next_span].blob_end <= received_end:
                     span = spans[next_span]
                     member = bytes(buffer[span.blob_start - buffer_start:
                                           span.blob_end - buffer_start])

@@ -31,7 +31,7 @@ from lazyfs import oci_layout
 from lazyfs.errors import FetchError, FormatError, VerificationError
 from lazyfs.format import oci
 from lazyfs.format.oci import Descriptor, Platform
-from lazyfs.format.seekable import MAX_FOOTER_SIZE, locate_toc
+from lazyfs.format.seekable import MAX_FOOTER_SIZE, has_footer
 from lazyfs.oci_layout import MAX_JSON_BYTES, ImageSource, Reference
 from lazyfs.source import copy_to_file
 
@@ -233,11 +233,7 @@ def ends_with_footer(path: str) -> bool:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - MAX_FOOTER_SIZE))
         tail = f.read()
-    try:
-        locate_toc(tail, size)
-    except FormatError:
-        return False
-    return True
+    return has_footer(tail)
 
 
 # --- Layouts on a web server ---------------------------------------------------------------------

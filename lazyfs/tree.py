@@ -23,7 +23,9 @@ produces ("Applying Changesets" in the OCI image spec), with these decisions:
   symlink (or any non-directory) replaces it with a directory, as overlayfs (and so
   stargz-snapshotter and containerd's overlay snapshotter) shows it. Extraction tools write
   through such a symlink instead; image builders never produce that layer (their diff records the
-  resolved path). Not following symlinks also means no lookup can loop.
+  resolved path). Not following symlinks also means no lookup can loop. Under a symlink made by
+  the *same* layer, an entry is a FormatError (the whole image is refused): that is the tar
+  escape pattern ("x" -> "/etc", then "x/passwd"), never a layer diff.
 - A name over a directory replaces the directory and its whole subtree, unless the new entry is a
   directory too: then only the directory's attributes change and the children merge. Within one
   layer the last entry for a name wins (tar extraction).
@@ -54,6 +56,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from lazyfs.errors import FormatError
 from lazyfs.format.toc import Chunk, ResolvedEntry, TOCEntry, clean_name, parse_modtime
 
 ROOT_INODE = 1  # pyfuse3.ROOT_INODE, not imported: this module never imports FUSE
@@ -517,6 +520,13 @@ class _Builder:
                 child = node.children.get(name)
                 done += len(part) + 1
                 if child is None or child.children is None:
+                    if child is not None and child.layer_index == layer_index and \
+                            stat.S_ISLNK(child.mode):
+                        # The classic tar escape ("x" -> "/etc", then "x/passwd"): tools that
+                        # extract write through the link, this tree would not. No builder
+                        # writes it; a layer that does is refused, not guessed at.
+                        raise FormatError(f"layer {layer_index}: {path!r} lies under "
+                                          f"{path[:done - 1]!r}, a symlink of the same layer")
                     if child is not None:
                         self._warn(layer_index, path[:done - 1],
                                    "is not a directory but has entries under it; "

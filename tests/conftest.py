@@ -8,6 +8,7 @@ from lazyfs.format.seekable import FORMATS
 
 from tests.servers import NginxServer, nginx_missing_reason
 from tests.testimage import image, source_image  # noqa: F401  (the session's test image fixtures)
+from tests.s3server import s3, s3_server  # noqa: F401  (the session's S3 server, a bucket per test)
 
 
 @pytest.fixture

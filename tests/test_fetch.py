@@ -14,6 +14,7 @@ from lazyfs.cache import ChunkCache
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.fetch import ChunkFetcher
 from lazyfs.layer import LayerSpec, open_layer
+from lazyfs.priority import Priority
 from tests.tarbuild import file_, tar_of
 
 CHUNK = 64 * 1024
@@ -152,3 +153,38 @@ def test_small_reads_from_the_disk_cache_check_only_their_blocks(layer_setup):
     path.write_bytes(bytes(data))
     assert read(ChunkFetcher([layer], cache), layer, item, 5000, 4096) == content["f1"][5000:9096]
     assert len(source.reads) == fetched + 1
+
+
+class TricklingSource(RecordingSource):
+    """Streams every range in small pieces, as a network answer arrives: piece boundaries fall
+    anywhere, inside members and inside the gaps between them."""
+
+    piece_bytes = 1000
+
+    def read_ranges(self, ranges):
+        for index, (blob_offset, length) in enumerate(ranges):
+            data = self.read(blob_offset, length)
+            for start in range(0, len(data), self.piece_bytes):
+                yield index, data[start:start + self.piece_bytes]
+
+
+def test_a_merged_range_with_gaps_streamed_in_small_pieces_is_cut_right(tmp_path, layer_format):
+    """Members of one merged range separated by gaps (other files' chunks, headers), arriving
+    in pieces that end inside those gaps: each member must still be cut at its own offsets."""
+    content = {f"f{i}": os.urandom(CHUNK // 4 + i) for i in range(6)}
+    src = tar_of(tmp_path, *(file_(name, data) for name, data in content.items()))
+    out = tmp_path / "layer.blob"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, format=layer_format))
+    source = TricklingSource(out.read_bytes())
+    layer = open_layer(0, LayerSpec(source, result.toc_digest, "test"), None)
+    files = {item.path: item for item in layer.entries}
+    source.reads.clear()
+    # Every other file: one merged range, the files between them its gaps (16 KiB each, under
+    # the 64 KiB merge gap).
+    wanted = [files[f"f{i}"].chunks[0] for i in range(0, 6, 2)]
+    fetcher = ChunkFetcher([layer], None)
+    datas = trio.run(fetcher.get_chunks, layer, wanted, Priority.DEMAND)
+    assert len(source.reads) == 1  # one request: the gaps were merged in
+    for i, data in zip(range(0, 6, 2), datas):
+        assert data == content[f"f{i}"]
+    assert all(s.errors == 0 for s in fetcher.stats)

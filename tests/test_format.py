@@ -65,7 +65,8 @@ entries = st.builds(
     size=small_ints, modtime=st.sampled_from(["", "2023-11-14T22:13:20Z"]), link_name=st.text(max_size=20).filter(lambda s: "\x00" not in s),
     mode=st.integers(0, 0o7777), uid=small_ints, gid=small_ints, user_name=st.sampled_from(["", "root", "ü"]),
     blob_offset=small_ints, dev_major=small_ints, dev_minor=small_ints,
-    xattrs=st.dictionaries(st.text(min_size=1, max_size=10), st.binary(max_size=10), max_size=3),
+    xattrs=st.dictionaries(st.text(min_size=1, max_size=10).filter(lambda s: "\x00" not in s),
+                           st.binary(max_size=10), max_size=3),
     digest=st.sampled_from(["", "sha256:" + "ab" * 32]), file_offset=small_ints, chunk_size=small_ints,
     chunk_digest=st.sampled_from(["", "sha256:" + "01" * 32]), inner_offset=small_ints)
 

@@ -296,3 +296,21 @@ def test_over_http_the_image_documents_are_fetched_once(images, nginx, scratch, 
     whole_blobs = [uri for uri in documents if "/blobs/" in uri]
     assert len(whole_blobs) == 2 and len(set(whole_blobs)) == 2
     assert_cleaned_up(scratch)
+
+
+def test_run_from_a_registry(images, scratch, tmp_path):
+    """`lazyfs run oci://...`: the image config and the layers come from a docker-registry
+    (pushed there by skopeo), through the same resolution as every other store."""
+    from tests.registryserver import _shared_registry, push_layout, registry_missing_reason
+
+    reason = registry_missing_reason()
+    if reason:
+        pytest.skip(reason)
+    layout, _, tag = images["env"].rpartition(":")
+    registry = _shared_registry()
+    push_layout(layout, tag, f"{registry.host}/run/env:{tag}")
+    done = run(f"oci://{registry.host}/run/env:{tag}", "/bin/sh", "-c", "echo $FOO; pwd",
+               scratch=scratch, cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "from the image config\n/srv/app\n"
+    assert_cleaned_up(scratch)

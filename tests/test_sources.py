@@ -1,5 +1,6 @@
-"""Byte-range sources (lazyfs.source): one conformance suite over every source, then the HTTP
-source against misbehaving servers.
+"""Byte-range sources (lazyfs.source): choosing one by location, the file source's own cases,
+then the HTTP source against misbehaving servers (the behaviour every source shares is in
+tests/test_source_conformance.py).
 
 The HTTP side runs against a real nginx on loopback (tests/servers.py), and its access log
 proves what went over the wire: one request per read, with the exact Range asked for.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 import random
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -23,143 +23,6 @@ from tests.servers import (NginxServer, NoHeadServer, NoRangeServer, PyHttpServe
 
 BLOB = random.Random(0).randbytes(1024 * 1024 + 123)  # not a multiple of any block size
 
-
-# --- conformance: every source behaves the same ---------------------------------------------
-
-@pytest.fixture(params=["file", "http", "lazyfs-serve"])
-def make_source(request, tmp_path):
-    """make_source(data, name="blob") -> an open source over those bytes; closed at teardown.
-
-    "lazyfs-serve" runs the conformance suite against our own `lazyfs serve` as the server."""
-    opened = []
-    if request.param == "http":
-        server = request.getfixturevalue("nginx")
-        root, base = server.root, server.url + "/"
-    elif request.param == "lazyfs-serve":
-        from lazyfs.serve import Server
-
-        root = tmp_path / "served"
-        root.mkdir()
-        server = request.getfixturevalue("_stack").enter_context(Server(str(root)))
-        base = server.url + "/"
-    else:
-        root, base = tmp_path, str(tmp_path) + "/"
-
-    def make(data: bytes = BLOB, name: str = "blob"):
-        (root / name).write_bytes(data)
-        source = open_source(base + name)
-        opened.append(source)
-        return source
-
-    yield make
-    for source in opened:
-        source.close()
-
-
-@pytest.fixture
-def _stack():
-    import contextlib
-
-    with contextlib.ExitStack() as stack:
-        yield stack
-
-
-def test_size(make_source):
-    source = make_source()
-    assert source.size() == len(BLOB)
-    assert source.size() == len(BLOB)
-
-
-def test_reads_at_random_offsets(make_source):
-    source = make_source()
-    rng = random.Random(1)
-    for _ in range(50):
-        length = rng.choice([1, 2, 511, 4096, 65_537, 300_000])
-        blob_offset = rng.randrange(0, len(BLOB) - length + 1)
-        assert source.read(blob_offset, length) == BLOB[blob_offset:blob_offset + length]
-
-
-def test_whole_blob_in_one_read(make_source):
-    assert make_source().read(0, len(BLOB)) == BLOB
-
-
-def test_zero_length_read_costs_nothing(make_source):
-    source = make_source()
-    before = source.requests
-    assert source.read(1000, 0) == b""
-    assert source.requests == before
-
-
-def test_read_at_the_very_end(make_source):
-    source = make_source()
-    assert source.read(len(BLOB) - 1, 1) == BLOB[-1:]
-    assert source.read(len(BLOB) - 10, 10) == BLOB[-10:]
-
-
-@pytest.mark.parametrize("blob_offset, length", [
-    (len(BLOB) - 5, 10),    # starts inside, ends outside
-    (len(BLOB), 1),         # starts right at the end
-    (len(BLOB) + 100, 1),   # starts well past the end
-])
-def test_read_past_the_end_fails(make_source, blob_offset, length):
-    source = make_source()
-    with pytest.raises(FetchError, match="past the end") as info:
-        source.read(blob_offset, length)
-    assert not info.value.retriable
-    assert not isinstance(info.value, RangeNotSupported)  # the caller's range, not the server
-
-
-def test_negative_range_is_a_caller_bug(make_source):
-    source = make_source()
-    with pytest.raises(ValueError):
-        source.read(-1, 10)
-    with pytest.raises(ValueError):
-        source.read(0, -1)
-
-
-def test_concurrent_reads_from_8_threads(make_source):
-    source = make_source()
-    rng = random.Random(2)
-    ranges = [(offset, rng.randrange(1, 20_000))
-              for offset in (rng.randrange(0, len(BLOB) - 20_000) for _ in range(400))]
-    before = source.requests
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda r: source.read(*r), ranges))
-    for (blob_offset, length), data in zip(ranges, results):
-        assert data == BLOB[blob_offset:blob_offset + length]
-    assert source.requests - before == len(ranges)  # the counter lost no increments
-
-
-def test_request_counter_counts_reads(make_source):
-    source = make_source()
-    source.size()
-    before = source.requests
-    source.read(0, 100)
-    source.read(5000, 100)
-    assert source.requests == before + 2
-
-
-def test_empty_blob(make_source):
-    source = make_source(b"", name="empty")
-    assert source.size() == 0
-    assert source.read(0, 0) == b""
-    with pytest.raises(FetchError):
-        source.read(0, 1)
-
-
-def test_missing_blob_is_not_found(make_source, tmp_path):
-    source = make_source()
-    missing = source.describe().replace("blob", "missing")
-    with pytest.raises(NotFound):
-        with open_source(missing) as other:
-            other.size()
-
-
-def test_describe_names_the_blob(make_source):
-    assert make_source().describe().endswith("/blob")
-
-
-# --- open_source and the file source ---------------------------------------------------------
 
 def test_open_source_picks_the_source_by_location(tmp_path):
     (tmp_path / "a:b").write_bytes(b"xyz")  # a colon does not make a path a URL

@@ -35,6 +35,7 @@ from lazyfs.errors import FormatError
 GZIP_MAGIC = b"\x1f\x8b\x08"
 _DEFLATE_RAW_WBITS = -15  # raw deflate, 32 KiB window: we write the gzip framing ourselves
 _GZIP_WBITS = 31  # 16 + 15: inflate with gzip framing, checking the CRC and ISIZE
+_ZSTD_READ_PIECE = 8 << 20  # a default 4 MiB chunk still inflates in one read
 
 
 def _xfl_for_level(level: int) -> int:
@@ -119,10 +120,11 @@ class ZstdCodec:
             declared = zstandard.frame_content_size(member)
         except zstandard.ZstdError as exc:
             raise FormatError(f"corrupt zstd frame: {exc}") from None
-        if declared == length:
+        if declared == length <= _ZSTD_READ_PIECE:
             # The usual member: one frame holding exactly the chunk (what writers emit). One
-            # call, no copies; the output is bounded by the declared size, which equals the
-            # length the TOC allows, and zstd checks the frame against it (and its checksum).
+            # call, no copies. It allocates the declared size up front, hence only up to one
+            # read piece, as the loop below would; zstd checks the frame against that size
+            # (and its checksum).
             try:
                 out = decompressor.decompress(member)
             except zstandard.ZstdError as exc:
@@ -134,7 +136,9 @@ class ZstdCodec:
         parts, have = [], 0
         try:
             while have < length:
-                block = reader.read(length - have)
+                # read(n) allocates n bytes up front: in pieces, memory follows what the frames
+                # really hold, not what the TOC declares.
+                block = reader.read(min(length - have, _ZSTD_READ_PIECE))
                 if not block:
                     break
                 parts.append(block)

@@ -33,13 +33,12 @@ XLEN = 22 and the Extra field is just "%016xSTARGZ":
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
 from lazyfs.format.codec import GzipCodec
-from lazyfs.format.toc import TOC, dump_toc, parse_toc
+from lazyfs.format.toc import MAX_TOC_JSON_SIZE, TOC, dump_toc, parse_toc
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -53,9 +52,10 @@ _MAGIC = b"STARGZ"
 _GZIP_EXTRA_HEADER = b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"  # FLG = FEXTRA, OS = 255
 _EMPTY_STORED_BLOCK_AND_TRAILER = b"\x01\x00\x00\xff\xff" + b"\x00" * 8
 
-# A TOC larger than this is refused before it is inflated: real TOCs of images with a
-# million files stay well below it, and it bounds the memory a hostile blob can claim.
-MAX_TOC_JSON_SIZE = 512 << 20
+# The compressed TOC (member or frame) is refused past this size before it is fetched: a TOC
+# within MAX_TOC_JSON_SIZE compresses to less, even stored uncompressed (gzip and zstd add a
+# few bytes per 64 KiB block; the tar header, padding and end-of-archive take 2 KiB).
+MAX_TOC_COMPRESSED_SIZE = MAX_TOC_JSON_SIZE + (1 << 20)
 
 
 def build_footer(toc_blob_offset: int) -> bytes:
@@ -135,25 +135,29 @@ def read_toc_member(member: bytes) -> tuple[TOC, str]:
     """Parse the TOC member (the bytes from the TOC offset to the footer).
 
     Returns the TOC and the digest of its JSON, the value a manifest annotation pins.
+    Only the tar header is inflated before the size limit is checked: a member claiming a TOC
+    over MAX_TOC_JSON_SIZE costs 512 inflated bytes, and no member inflates past the size its
+    header declares (a gzip bomb behind a small header is cut there).
     """
     import zlib  # stdlib inflate is enough here: one member, once per mount
 
     inflater = zlib.decompressobj(31)
     try:
-        tar_bytes = inflater.decompress(member, MAX_TOC_JSON_SIZE + 4096)
+        header = inflater.decompress(member, tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            raise FormatError("TOC member is truncated before its tar header ends")
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise FormatError(f"TOC member is not a tar: {exc}") from None
+        if info.name != TOC_TAR_NAME or not info.isreg():
+            raise FormatError(f"TOC member holds {info.name!r}, not {TOC_TAR_NAME!r}")
+        if info.size > MAX_TOC_JSON_SIZE:
+            raise FormatError(f"TOC of {info.size} bytes is larger than the "
+                              f"{MAX_TOC_JSON_SIZE} byte limit")
+        toc_json = inflater.decompress(inflater.unconsumed_tail, info.size)
     except zlib.error as exc:
         raise FormatError(f"TOC member is not valid gzip: {exc}") from None
-    if inflater.unconsumed_tail:
-        raise FormatError(f"TOC is larger than the {MAX_TOC_JSON_SIZE} byte limit")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tar:
-            info = tar.next()
-            if info is None or info.name != TOC_TAR_NAME or not info.isreg():
-                found = info.name if info else "nothing"
-                raise FormatError(f"TOC member holds {found!r}, not {TOC_TAR_NAME!r}")
-            toc_json = tar.extractfile(info).read()
-    except tarfile.TarError as exc:
-        raise FormatError(f"TOC member is not a tar: {exc}") from None
     if len(toc_json) != info.size:
         raise FormatError("TOC member is truncated")
     return parse_toc(toc_json), sha256_digest(toc_json)

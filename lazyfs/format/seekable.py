@@ -34,6 +34,19 @@ class TOCRegion:
         return codec_for(MEDIA_CODEC[self.format])
 
 
+def has_footer(tail: bytes) -> bool:
+    """Whether the blob's last bytes are either format's footer, whatever it says: telling a
+    seekable blob from another file must not depend on the footer's numbers being sane (a
+    blob with hostile ones should get locate_toc's message, not be read as something else)."""
+    if zstdchunked.has_footer(tail):
+        return True
+    try:
+        estargz.parse_footer(tail)
+    except FormatError:
+        return False
+    return True
+
+
 def locate_toc(tail: bytes, blob_size: int) -> TOCRegion:
     """The TOC region from the blob's last bytes (`tail` ends at the blob's end)."""
     if zstdchunked.has_footer(tail):
@@ -50,6 +63,10 @@ def locate_toc(tail: bytes, blob_size: int) -> TOCRegion:
     if not 0 <= footer.toc_blob_offset < toc_end:
         raise FormatError(f"footer points at TOC offset {footer.toc_blob_offset}, outside the "
                           f"blob's {toc_end} payload bytes")
+    if toc_end - footer.toc_blob_offset > estargz.MAX_TOC_COMPRESSED_SIZE:
+        # Refused before the TOC is fetched: the footer alone says how big it is.
+        raise FormatError(f"TOC member of {toc_end - footer.toc_blob_offset} bytes is larger "
+                          f"than the {estargz.MAX_TOC_COMPRESSED_SIZE} byte limit")
     return TOCRegion("estargz", footer.toc_blob_offset, toc_end, footer.toc_blob_offset, footer.size)
 
 

@@ -40,6 +40,23 @@ _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # as they do in the reference implementation.
 _INT_MAX = (1 << 63) - 1
 
+# A TOC larger than this is refused before it is parsed (and, by the framing code, before it is
+# fetched or inflated past this size). A typical entry takes ~325 bytes of JSON, so this is
+# ~400,000 entries; parsing, resolving and building the tree take about 3 bytes of memory per
+# byte of JSON at their peak, so a hostile blob can claim at most ~400 MiB this way.
+MAX_TOC_JSON_SIZE = 128 << 20
+
+# Largest uncompressed member prefix a chunk may need (its inner offset plus its size). A
+# chunk is inflated whole into memory to be verified, and the fetcher decodes up to 8 chunks
+# of a source at once, so this bounds what a hostile TOC can make the daemon allocate (8 x 256
+# MiB). Real chunks are far smaller (4 MiB by default; containers/storage splits files into
+# pieces of tens of KiB), and a chunk this big would defeat lazy fetching anyway; the
+# converter refuses a larger --chunk-size.
+MAX_CHUNK_SIZE = 256 << 20
+
+# uid_t and gid_t are 32-bit: a larger owner cannot be shown by the kernel.
+_ID_MAX = (1 << 32) - 1
+
 
 @dataclass(slots=True)
 class TOCEntry:
@@ -102,11 +119,16 @@ class TOC:
 
 
 def entry_to_json(entry: TOCEntry) -> dict:
-    """Wire form of one entry; zero values are omitted, as `omitempty` does in Go."""
+    """Wire form of one entry; zero values other than the name are omitted, as `omitempty`
+    does in Go."""
     out: dict = {}
     for attr, wire, kind in _FIELDS:
         value = getattr(entry, attr)
         if not value:
+            # A name is always written, as the reference does: "" is the root (a tar's "/"),
+            # and readers refuse an entry with no name. Chunk entries may leave it out.
+            if attr == "name" and entry.type != "chunk":
+                out[wire] = value
             continue
         if kind == "xattrs":
             # Go's encoding/json writes []byte as standard base64; readers expect that.
@@ -123,11 +145,16 @@ def dump_toc(toc: TOC) -> bytes:
 
 def parse_toc(toc_json: bytes) -> TOC:
     """Parse and type-check a TOC. Raises FormatError naming the first bad entry and field."""
+    if len(toc_json) > MAX_TOC_JSON_SIZE:
+        raise FormatError(f"TOC of {len(toc_json)} bytes is larger than the "
+                          f"{MAX_TOC_JSON_SIZE} byte limit")
     with _gc_paused():
         try:
             doc = json.loads(toc_json)
         except (ValueError, UnicodeDecodeError) as exc:
             raise FormatError(f"TOC is not valid JSON: {exc}") from None
+        except RecursionError:  # the C decoder recurses once per nested array or object
+            raise FormatError("TOC is not valid JSON: nested too deeply") from None
         if not isinstance(doc, dict):
             raise FormatError("TOC is not a JSON object")
         version = doc.get("version")
@@ -313,6 +340,9 @@ def _check_value(index: int, wire: str, kind: str, value: object):
     if kind == "xattrs":
         if not isinstance(value, dict):
             raise FormatError(f"{where()} is not an object")
+        if any("\x00" in name or not name for name in value):
+            # listxattr separates names with NUL: such a name would list as other names.
+            raise FormatError(f"{where()} has an empty name or one with a NUL byte")
         try:
             return {str(k): base64.b64decode(v, validate=True) for k, v in value.items()}
         except (binascii.Error, TypeError, ValueError):
@@ -358,6 +388,35 @@ def clean_name(name: str) -> str:
         return name
     cleaned = posixpath.normpath("/" + name).lstrip("/")
     return "" if cleaned == "." else cleaned
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why a tar or TOC name (or hardlink target) must not be used, or None: it is absolute
+    (other than "/", the root, as some writers name it) or has a ".." component.
+
+    Cleaning alone would map such a name inside the image ("../../etc/x" to "etc/x"), so the
+    mount could not escape its root anyway; but no image builder writes one, and extracting
+    tools read it otherwise (GNU tar skips ".." and strips the "/", others write outside their
+    target): the TOC (or tar) holding one is refused whole.
+    """
+    if ".." in name.split("/"):
+        return "has a '..' component"
+    if name.startswith("/") and clean_name(name):
+        return "is absolute"
+    return None
+
+
+def entry_path(name: str, index: int) -> str:
+    """The cleaned path of a TOC entry's name or hardlink target; FormatError for an unsafe
+    one (see unsafe_name_reason)."""
+    # Most names are canonical, and no canonical name is unsafe: clean_name's fast path test.
+    if (name and name[0] != "/" and name[0] != "." and name[-1] != "/"
+            and "//" not in name and "/." not in name):
+        return name
+    reason = unsafe_name_reason(name)
+    if reason is not None:
+        raise FormatError(f"TOC entry {index}: name {name[:200]!r} {reason}")
+    return clean_name(name)
 
 
 # Chunk is frozen: its generated __init__ sets each field through object.__setattr__, which
@@ -412,9 +471,14 @@ def _resolve(entries: list[TOCEntry], toc_offset: int) -> list[ResolvedEntry]:
                 group_names[entry.gid] = group_name
             else:
                 group_name = group_names.get(entry.gid, "")
-            item = new_resolved(entry, clean_name(entry.name), user_name, group_name, [])
+            if entry.uid > _ID_MAX or entry.gid > _ID_MAX:
+                raise FormatError(f"TOC entry {index} ({entry.name[:200]!r}): owner "
+                                  f"{entry.uid}:{entry.gid} does not fit 32 bits")
+            item = new_resolved(entry, entry_path(entry.name, index), user_name, group_name, [])
             resolved.append(item)
             if entry_type != "reg":
+                if entry_type == "hardlink":
+                    entry_path(entry.link_name, index)  # the target must be a name inside too
                 current_file = None
                 continue
             current_file = file = item
@@ -428,6 +492,10 @@ def _resolve(entries: list[TOCEntry], toc_offset: int) -> list[ResolvedEntry]:
         if not size:  # "to the end of the file"
             file_size = file.entry.size
             size = file_size - file_offset if file_offset else file_size
+        if size + entry.inner_offset > MAX_CHUNK_SIZE:
+            raise FormatError(f"TOC entry {index} ({file.path}): a chunk of {size} bytes at "
+                              f"inner offset {entry.inner_offset} exceeds the "
+                              f"{MAX_CHUNK_SIZE} byte limit")
         if blob_offset >= toc_offset:
             raise FormatError(f"TOC entry {index} ({file.path}): chunk offset {blob_offset} "
                               f"is not before the TOC at {toc_offset}")

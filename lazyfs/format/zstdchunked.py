@@ -47,7 +47,7 @@ import zstandard
 
 from lazyfs.errors import FormatError
 from lazyfs.format.codec import ZstdCodec
-from lazyfs.format.estargz import MAX_TOC_JSON_SIZE, sha256_digest
+from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE, MAX_TOC_JSON_SIZE, sha256_digest
 from lazyfs.format.toc import TOC, dump_toc, parse_toc
 
 SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
@@ -61,6 +61,7 @@ FOOTER_SIZE = 8 + FOOTER_DATA_SIZE
 STORAGE_FOOTER_DATA_SIZE = 64  # containers/storage's, with the tar-split location
 STORAGE_FOOTER_SIZE = 8 + STORAGE_FOOTER_DATA_SIZE
 MAX_FOOTER_SIZE = STORAGE_FOOTER_SIZE
+_READ_PIECE = 8 << 20  # the TOC is inflated in pieces of this size (see read_toc_frame)
 
 ANNOTATION_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
 ANNOTATION_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
@@ -129,10 +130,13 @@ def parse_position_annotation(value: str) -> TOCLocation:
 
 
 def check_location(location: TOCLocation, blob_size: int) -> None:
-    if location.compressed_size <= 0 or location.end > blob_size - location.footer_size:
+    # The TOC frame sits inside a skippable frame, whose 8-byte header comes first.
+    if location.offset < 8 or location.compressed_size <= 0 or \
+            location.end > blob_size - location.footer_size:
         raise FormatError(f"zstd:chunked TOC at {location.offset}+{location.compressed_size} lies "
                           f"outside the blob's {blob_size} bytes")
-    if location.uncompressed_size > MAX_TOC_JSON_SIZE:
+    if (location.uncompressed_size > MAX_TOC_JSON_SIZE
+            or location.compressed_size > MAX_TOC_COMPRESSED_SIZE):
         raise FormatError(f"TOC is larger than the {MAX_TOC_JSON_SIZE} byte limit")
 
 
@@ -159,7 +163,15 @@ def read_toc_frame(compressed: bytes, uncompressed_size: int | None = None) -> t
     limit = MAX_TOC_JSON_SIZE if uncompressed_size is None else min(uncompressed_size, MAX_TOC_JSON_SIZE)
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_across_frames=False)
-        toc_json = reader.read(limit + 1)
+        # In pieces: read(n) allocates n bytes at once, and n comes from the footer.
+        parts, have = [], 0
+        while have <= limit:
+            part = reader.read(min(limit + 1 - have, _READ_PIECE))
+            if not part:
+                break
+            parts.append(part)
+            have += len(part)
+        toc_json = b"".join(parts)
     except zstandard.ZstdError as exc:
         raise FormatError(f"zstd:chunked TOC is not a valid zstd frame: {exc}") from None
     if len(toc_json) > limit:

@@ -25,7 +25,7 @@ import urllib3
 from lazyfs.errors import AuthError, FetchError, FormatError, NotFound
 from lazyfs.format import oci
 from lazyfs.registry.auth import RegistryAuth, find_credentials, is_loopback
-from lazyfs.source.http import _Client, _read_body, redact_url
+from lazyfs.source.http import HttpClient, read_body, redact_url
 
 # What a manifest GET accepts: without the list, a registry may down-convert or refuse.
 MANIFEST_ACCEPT = ", ".join((oci.OCI_INDEX, oci.OCI_MANIFEST, oci.DOCKER_MANIFEST_LIST,
@@ -104,7 +104,7 @@ class RegistryClient:
         # What every blob source of this repository is opened with (HttpSource's arguments).
         self.source_args = {"headers": headers, "ca_cert": ca_cert, "timeout": timeout,
                             "auth": self.auth}
-        self.http = _Client(headers, ca_cert, timeout, auth=self.auth)
+        self.http = HttpClient(headers, ca_cert, timeout, auth=self.auth)
 
     def manifest_url(self, reference: str) -> str:
         return f"{self.repo_url}/manifests/{reference}"
@@ -128,7 +128,7 @@ class RegistryClient:
             if declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError(f"{redact_url(url)}: {declared} bytes, more than the "
                                  f"{max_bytes} bytes allowed for a document")
-            body = _read_body(resp, max_bytes + 1, redact_url(url))
+            body = read_body(resp, max_bytes + 1, redact_url(url))
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         if len(body) > max_bytes:
             raise FetchError(f"{redact_url(url)}: more than the {max_bytes} bytes allowed for "

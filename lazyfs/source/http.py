@@ -91,7 +91,7 @@ class HttpSource:
         # False: it did not, so every range is its own request from now on.
         self.multi_range: bool | None = None
         self._where = redact_url(url)
-        self._client = _Client(headers, ca_cert, timeout, max_connections, auth=auth)
+        self._client = HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
         self._count_lock = threading.Lock()
         # Held while probing the size, so that threads asking at once cost one HEAD, not many.
         self._size_lock = threading.Lock()
@@ -309,7 +309,7 @@ class HttpSource:
         with self._send("HEAD") as resp:
             # A HEAD reply has no body; "reading" it hands the connection back to the pool,
             # where closing the reply unread would close the connection.
-            _read_body(resp, 1, self._where)
+            read_body(resp, 1, self._where)
             if resp.status_code in (404, 410):
                 raise NotFound(f"{self._where}: not found (HTTP {resp.status_code})")
             declared = resp.headers.get("Content-Length", "")
@@ -424,7 +424,7 @@ def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str |
               max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
     """The whole body of a small document (index.json, manifest, config), at most `max_bytes`."""
     where = redact_url(url)
-    client = _Client(headers, ca_cert, timeout)
+    client = HttpClient(headers, ca_cert, timeout)
     try:
         with client.send("GET", url, where) as resp:
             if resp.status_code != 200:
@@ -434,7 +434,7 @@ def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str |
             if declared.isdigit() and int(declared) > max_bytes:
                 raise FetchError(f"{where}: document is {declared} bytes, more than the "
                                  f"{max_bytes} bytes allowed")
-            body = _read_body(resp, max_bytes + 1, where)
+            body = read_body(resp, max_bytes + 1, where)
         if len(body) > max_bytes:
             raise FetchError(f"{where}: document is more than the {max_bytes} bytes allowed")
         return body
@@ -442,7 +442,7 @@ def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str |
         client.close()
 
 
-class _Client:
+class HttpClient:
     """A Session with our headers, TLS settings and timeout; maps transport errors.
 
     `timeout` is in seconds: one number for both, or (connect, read) as requests takes it. The
@@ -506,7 +506,7 @@ class _Client:
         self.session.close()
 
 
-def _read_body(resp: requests.Response, limit_bytes: int, where: str) -> bytes:
+def read_body(resp: requests.Response, limit_bytes: int, where: str) -> bytes:
     """At most `limit_bytes` of the raw (undecoded) body. Reading to the end of the body lets
     urllib3 put the connection back in the pool for the next request (keep-alive)."""
     parts: list[bytes] = []
