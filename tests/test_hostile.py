@@ -1,7 +1,7 @@
 """Hostile input: every case of issue 7 probed through the public entry points.
 
-Each test is one row of docs/security-hostile.md: the input, where it is caught, and what the
-user sees. The parsers are called as the mount and `inspect` call them (parse_toc, locate_toc,
+Each test is one row of docs/security.md ("Hostile input"): the input, where it is caught,
+and what the user sees. The parsers are called as the mount and `inspect` call them (parse_toc, locate_toc,
 resolve, read_toc_member/read_toc_frame, the codecs, build_tree), the converter through
 convert_layer and `lazyfs convert`, and a few crafted blobs through a real `lazyfs mount`.
 The property throughout: a clear LazyfsError (FormatError: exit code 2), never another
