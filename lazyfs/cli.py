@@ -48,6 +48,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative: {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -240,7 +250,7 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
                         help="cache bound, least recently used chunks evicted (default 10G)")
     _add_verify_key_option(parser)
     _add_source_options(parser)
-    from lazyfs.fetchoptions import FetchOptions  # a light module: no trio, no HTTP
+    from lazyfs.fetchoptions import BUSY_POLL_S, FetchOptions  # light: no trio, no HTTP
 
     default = FetchOptions()
     parser.add_argument("--max-connections", type=_positive_int, default=default.max_connections,
@@ -266,6 +276,10 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel-readahead", type=_size, default="1M", metavar="SIZE",
                         help="the kernel's readahead window for the mount, which also sizes its "
                              "read requests to lazyfs (at most 1M count; default 1M)")
+    parser.add_argument("--busy-poll", type=_non_negative_float, default=BUSY_POLL_S,
+                        metavar="SECONDS", help="keep polling for the next FUSE request this "
+                        "long after each one before sleeping: a sleeping CPU wakes slower than "
+                        f"a small read is served (default {BUSY_POLL_S:g}; 0: never)")
     parser.add_argument("--bandwidth-limit", type=_size, metavar="BYTES_PER_S",
                         help="average cap of the background fetch, e.g. 5M (default: none)")
     parser.add_argument("--memory-cache", type=_size, default=default.memory_bytes, metavar="SIZE",
@@ -363,7 +377,8 @@ def _mount_options(args):
                         foreground=getattr(args, "foreground", False),
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
                         ca_cert=args.ca_cert, s3_endpoint=args.s3_endpoint,
-                        kernel_readahead_bytes=args.kernel_readahead, fetch=_fetch_options(args),
+                        kernel_readahead_bytes=args.kernel_readahead,
+                        busy_poll_s=args.busy_poll, fetch=_fetch_options(args),
                         verify_keys=_verify_keys(args))
 
 

@@ -163,6 +163,10 @@ class ChunkFetcher:
             finally:
                 self._jobs = None
 
+    def threads_busy(self) -> bool:
+        """Whether worker threads are fetching, inflating or reading the disk cache now."""
+        return self._threads.borrowed_tokens > 0
+
     # -- reading ----------------------------------------------------------------------------
 
     async def read(self, layer, chunks: list[Chunk], file_offset: int, size: int) -> bytes:
@@ -203,7 +207,8 @@ class ChunkFetcher:
                 piece = self.cache.read_range(chunk.digest, start, stop - start)
             else:
                 piece = await trio.to_thread.run_sync(self.cache.read_range, chunk.digest,
-                                                      start, stop - start)
+                                                      start, stop - start,
+                                                      limiter=self._threads)
         except CacheError as exc:
             self.cache_errors += 1
             log.warning("chunk cache: %s", exc)

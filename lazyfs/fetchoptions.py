@@ -10,6 +10,13 @@ import random
 from dataclasses import dataclass, field
 
 
+# After each FUSE request the daemon's loop keeps polling for the next one this long before it
+# sleeps (lazyfs/awake.py): programs issue their requests back to back, and a CPU that went to
+# sleep in between wakes slower than a small read is served. Short: at most this much of one
+# core is spent after the last request of a burst.
+BUSY_POLL_S = 0.002
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries with exponential backoff and "equal jitter".

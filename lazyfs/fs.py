@@ -26,6 +26,8 @@ import stat
 import pyfuse3
 
 from lazyfs import stats
+from lazyfs.awake import Activity
+from lazyfs.fetchoptions import BUSY_POLL_S
 from lazyfs.errors import LazyfsError
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,7 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 def _boundary(handler):
     @functools.wraps(handler)
     async def guarded(self, *args):
+        self.activity.touch()
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
@@ -66,7 +69,8 @@ class LazyFS(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, tree, layers, fetcher, *, description: dict, recorder=None):
+    def __init__(self, tree, layers, fetcher, *, description: dict, recorder=None,
+                 awake_window_s: float = BUSY_POLL_S):
         super().__init__()
         self.tree = tree
         self.layers = layers
@@ -76,6 +80,7 @@ class LazyFS(pyfuse3.Operations):
         self.last_error = ""
         self._total_bytes = sum(layer.blob_size for layer in layers)
         self.recorder = recorder  # lazyfs.record.AccessRecorder, or None: not recording
+        self.activity = Activity(awake_window_s, fetcher.threads_busy)
 
     def record_error(self, where: str, exc: BaseException) -> None:
         self.handler_errors += 1

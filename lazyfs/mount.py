@@ -22,7 +22,7 @@ import threading
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError, NotFound
-from lazyfs.fetchoptions import FetchOptions
+from lazyfs.fetchoptions import BUSY_POLL_S, FetchOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class MountOptions:
     # The kernel's readahead window for the mount, which also caps its read requests (FUSE
     # allows up to 1 MiB): bigger requests, fewer of them.
     kernel_readahead_bytes: int = 1 << 20
+    busy_poll_s: float = BUSY_POLL_S  # see fetchoptions; 0: never poll
     fetch: FetchOptions = field(default_factory=FetchOptions)  # connections, retries, prefetch
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
     # path at its first read to that file. None: no recording.
@@ -179,6 +180,7 @@ async def _main(session: "Session") -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_terminate_on_signal)
+        nursery.start_soon(session.fs.activity.keep_loop_awake)
         if session.background is not None:
             # Returns once the prefetch has claimed its chunks: reads then wait for it.
             await nursery.start(session.background)
@@ -231,7 +233,9 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
             description["warning"] = "INSECURE: TOC not verified (--insecure-skip-verify)"
             log.warning("%s: %s", ref, description["warning"])
         recorder = options.record.open(tree) if options.record is not None else None
-        return Session(LazyFS(tree, layers, fetcher, description=description, recorder=recorder),
+        fs = LazyFS(tree, layers, fetcher, description=description, recorder=recorder,
+                    awake_window_s=options.busy_poll_s)
+        return Session(fs,
                        lambda: close_image(image),
                        functools.partial(prefetch_and_background, fetcher))
     except BaseException:

@@ -748,3 +748,36 @@ def test_redirects_are_cached_and_re_resolved_when_expired(tmp_path):
     assert paths == ["/blob", "/signed/1/blob", "/signed/1/blob", "/signed/1/blob", "/blob",
                      "/signed/2/blob", "/signed/2/blob", "/signed/2/blob", "/blob",
                      "/signed/3/blob"]
+
+
+# --- keeping the loop awake between requests (lazyfs/awake.py) ---------------------------------
+
+def test_the_loop_polls_for_a_window_after_a_request_then_sleeps():
+    from lazyfs.awake import Activity
+
+    busy = [False]
+    activity = Activity(0.002, threads_busy=lambda: busy[0])
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(activity.keep_loop_awake)
+            await trio.testing.wait_all_tasks_blocked()  # no request yet: asleep
+            assert activity.polls == 0
+            activity.touch()
+            for _ in range(10):
+                await trio.sleep(0)
+            assert activity.polls >= 5  # awake, polling
+            clock.jump(0.003)  # the window has passed
+            await trio.testing.wait_all_tasks_blocked()
+            polls = activity.polls
+            await trio.sleep(0)
+            assert activity.polls == polls  # asleep again
+            busy[0] = True  # worker threads at work: no spinning (they need the GIL)
+            activity.touch()
+            for _ in range(10):
+                await trio.sleep(0)
+            assert activity.polls == polls
+            nursery.cancel_scope.cancel()
+
+    clock = trio.testing.MockClock()
+    trio.run(main, clock=clock)
