@@ -269,6 +269,7 @@ class HttpLayoutStore:
         self.name = base_url
         self.base_url = base_url
         self.sources = sources
+        self._client = None  # one kept-alive connection for the documents
 
     def url(self, digest: str) -> str:
         return f"{self.base_url}/{oci.blob_relpath(oci.check_digest(digest, 'blob'))}"
@@ -284,13 +285,17 @@ class HttpLayoutStore:
         return self.sources.open(self.url(desc.digest))
 
     def close(self) -> None:
-        return None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     def _get(self, url: str, max_bytes: int) -> bytes:
-        from lazyfs.source.http import fetch_all
+        if self._client is None:
+            from lazyfs.source.http import HttpClient
 
-        return fetch_all(url, headers=self.sources.headers, ca_cert=self.sources.ca_cert,
-                         timeout=self.sources.timeout, max_bytes=max_bytes)
+            self._client = HttpClient(self.sources.headers, self.sources.ca_cert,
+                                      self.sources.timeout)
+        return self._client.fetch_document(url, max_bytes)
 
 
 def open_http_store(ref: str, sources: SourceOptions) -> tuple[HttpLayoutStore, Reference] | LoneBlob:

@@ -112,10 +112,8 @@ def _report(ready_fd: int | None, message: str) -> None:
 
 def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | None,
            image=None) -> int:
-    import pyfuse3
-    import trio
-
     try:
+        # (It imports trio and pyfuse3 while it waits for the TOCs.)
         session = open_session(ref, options, image=image)
     except LazyfsError as exc:
         _report(ready_fd, f"{exc.exit_code} lazyfs mount: error: {exc}")
@@ -125,6 +123,9 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
     except BaseException as exc:
         _report(ready_fd, f"1 lazyfs mount: unexpected error: {type(exc).__name__}: {exc}")
         raise
+    import pyfuse3
+    import trio
+
     try:
         fuse_options = {"fsname=lazyfs", "subtype=lazyfs", "ro", "default_permissions"}
         if os.geteuid() == 0:
@@ -210,14 +211,17 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
 
     `image`: ref already resolved (see mount()); None to resolve it here."""
     from lazyfs.cache import ChunkCache, default_cache_dir
-    from lazyfs.fetch import ChunkFetcher
-    from lazyfs.prefetch import prefetch_and_background
-    from lazyfs.fs import LazyFS
     from lazyfs.layer import open_layers
     from lazyfs.tree import build_tree
 
     if image is None:
         image = resolve_image(ref, options)
+    # Fetching the TOCs is round trips of waiting: meanwhile a thread imports what serving
+    # needs (trio, pyfuse3, the fetcher: ~0.1 s of a cold start). Not earlier: while the image
+    # resolves, that thread would compete with it for the interpreter.
+    importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
+                                daemon=True)
+    importer.start()
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         if options.fetch.prefetch:
@@ -227,6 +231,11 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
+        importer.join()
+        from lazyfs.fetch import ChunkFetcher
+        from lazyfs.fs import LazyFS
+        from lazyfs.prefetch import prefetch_and_background
+
         fetcher = ChunkFetcher(layers, cache, options=options.fetch)
         description = {**image.description, "cache_dir": cache.root, "entries": tree.entry_count}
         if not description.get("verified"):
@@ -257,22 +266,13 @@ def _start_speculative_prefetch(specs, cache) -> None:
 
 
 def resolve_image(ref: str, options: MountOptions):
-    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config.
-
-    Resolving a remote image is a few round trips of waiting; meanwhile a thread imports what
-    serving the mount needs (trio, pyfuse3, the fetcher: ~0.1 s of a cold start)."""
+    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config."""
     from lazyfs.image import resolve_mount_image
 
-    importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
-                                daemon=True)
-    importer.start()
-    try:
-        return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
-                                                    insecure=options.insecure,
-                                                    sources=options.source_options(),
-                                                    verify_keys=options.verify_keys), options)
-    finally:
-        importer.join()  # no thread may be running when `mount` forks the daemon
+    return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
+                                                insecure=options.insecure,
+                                                sources=options.source_options(),
+                                                verify_keys=options.verify_keys), options)
 
 
 def _retried(attempt, options: MountOptions):

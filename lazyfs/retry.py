@@ -15,8 +15,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import trio
-
 from lazyfs.errors import FetchError
 from lazyfs.fetchoptions import RetryPolicy
 
@@ -28,6 +26,8 @@ async def retrying(attempt: Callable[[], Awaitable[T]], policy: RetryPolicy, *,
                    rng: random.Random | None = None) -> T:
     """`await attempt()`, again after a backoff on each retriable FetchError, at most
     `policy.retries` more times. The last error is raised with the number of attempts."""
+    import trio  # here, not at the top: opening an image (retrying_blocking) must not pay for it
+
     rng = rng or random.Random()
     retry = 0
     while True:

@@ -422,22 +422,11 @@ def _quote(line: bytes | None) -> str:
 def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str | None = None,
               timeout: float | tuple[float, float] = 30,
               max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
-    """The whole body of a small document (index.json, manifest, config), at most `max_bytes`."""
-    where = redact_url(url)
+    """The whole body of a small document (index.json, manifest, config), at most `max_bytes`,
+    on a connection of its own (HttpClient.fetch_document keeps one for several)."""
     client = HttpClient(headers, ca_cert, timeout)
     try:
-        with client.send("GET", url, where) as resp:
-            if resp.status_code != 200:
-                raise _status_error(resp, where, "GET")
-            _check_identity(resp, where)
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError(f"{where}: document is {declared} bytes, more than the "
-                                 f"{max_bytes} bytes allowed")
-            body = read_body(resp, max_bytes + 1, where)
-        if len(body) > max_bytes:
-            raise FetchError(f"{where}: document is more than the {max_bytes} bytes allowed")
-        return body
+        return client.fetch_document(url, max_bytes)
     finally:
         client.close()
 
@@ -476,6 +465,24 @@ class HttpClient:
                               max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+
+    def fetch_document(self, url: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+        """The whole body of a small document, at most `max_bytes`; the connection is kept
+        alive for the next one (an image's index, manifest and config come one after another:
+        a new connection would cost each of them a round trip more)."""
+        where = redact_url(url)
+        with self.send("GET", url, where) as resp:
+            if resp.status_code != 200:
+                raise _status_error(resp, where, "GET")
+            _check_identity(resp, where)
+            declared = resp.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > max_bytes:
+                raise FetchError(f"{where}: document is {declared} bytes, more than the "
+                                 f"{max_bytes} bytes allowed")
+            body = read_body(resp, max_bytes + 1, where)
+        if len(body) > max_bytes:
+            raise FetchError(f"{where}: document is more than the {max_bytes} bytes allowed")
+        return body
 
     def _timeout_text(self) -> str:
         if isinstance(self.timeout, tuple):
