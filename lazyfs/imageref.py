@@ -282,7 +282,14 @@ class HttpLayoutStore:
         return self._get(self.url(desc.digest), max_bytes)
 
     def open_blob(self, desc: Descriptor):
-        return self.sources.open(self.url(desc.digest))
+        client, self._client = self._client, None
+        if client is None:
+            return self.sources.open(self.url(desc.digest))
+        # The first blob opened takes over the documents' connection, already open: its first
+        # read (a layer's TOC) saves a connection's round trip.
+        from lazyfs.source.http import HttpSource
+
+        return HttpSource(self.url(desc.digest), client=client)
 
     def close(self) -> None:
         if self._client is not None:

@@ -83,15 +83,17 @@ class HttpSource:
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
                  ca_cert: str | None = None, timeout: float | tuple[float, float] = 30,
                  max_connections: int = POOL_CONNECTIONS,
-                 auth: requests.auth.AuthBase | None = None):
+                 auth: requests.auth.AuthBase | None = None, client: "HttpClient | None" = None):
         # auth: how a registry's blob URLs authenticate (lazyfs.registry); None for plain URLs.
+        # client: an HttpClient to take over (with its kept-alive connections) instead of a
+        # new one; it carries the headers, CA, timeout and auth then. Closed with the source.
         self.url = url
         self.requests = 0
         # None: not tried yet; True: the server answered a multi-range request properly;
         # False: it did not, so every range is its own request from now on.
         self.multi_range: bool | None = None
         self._where = redact_url(url)
-        self._client = HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
+        self._client = client or HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
         self._count_lock = threading.Lock()
         # Held while probing the size, so that threads asking at once cost one HEAD, not many.
         self._size_lock = threading.Lock()
@@ -459,6 +461,9 @@ class HttpClient:
         self.session.auth = auth
 
     def set_pool_size(self, max_connections: int) -> None:
+        if getattr(self, "_pool_size", None) == max_connections:
+            return  # a new adapter would drop the connections kept alive so far
+        self._pool_size = max_connections
         # max_retries=0: the fetcher owns retries, and must see every failure to count it.
         # pool_connections is the number of hosts pooled (the blob's, and a redirect target's).
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, max_connections),
