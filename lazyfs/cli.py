@@ -14,7 +14,7 @@ import sys
 
 from lazyfs import __version__
 from lazyfs.errors import LazyfsError, NotFound
-from lazyfs.format.seekable import FORMATS
+from lazyfs.format import FORMATS
 
 
 class UsageError(LazyfsError):

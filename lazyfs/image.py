@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from lazyfs.errors import FormatError, VerificationError
-from lazyfs.format import oci, zstdchunked
+from lazyfs.format import oci
 from lazyfs.imageref import LoneBlob, SourceOptions, open_reference
-from lazyfs.layer import LayerSpec
+from lazyfs.layerspec import LayerSpec
 
 __all__ = ["MountImage", "SourceOptions", "resolve_mount_image"]
 
@@ -94,8 +94,8 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
             if toc_digest is not None:
                 oci.check_digest(toc_digest, f"{name}: layer {number} TOC digest annotation")
             annotations = desc.annotations or {}
-            position = (annotations.get(zstdchunked.ANNOTATION_MANIFEST_POSITION)
-                        or annotations.get(zstdchunked.STORAGE_ANNOTATION_MANIFEST_POSITION))
+            position = (annotations.get(oci.ANNOTATION_ZSTD_MANIFEST_POSITION)
+                        or annotations.get(oci.STORAGE_ANNOTATION_ZSTD_MANIFEST_POSITION))
             prefetch_end = _decimal(annotations.get(oci.ANNOTATION_PREFETCH_END))
             specs.append(LayerSpec(source=image.blobs.open_source(desc), toc_digest=toc_digest,
                                    label=desc.digest, blob_size=desc.size, toc_position=position,

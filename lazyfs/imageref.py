@@ -31,7 +31,6 @@ from lazyfs import oci_layout
 from lazyfs.errors import FetchError, FormatError, VerificationError
 from lazyfs.format import oci
 from lazyfs.format.oci import Descriptor, Platform
-from lazyfs.format.seekable import MAX_FOOTER_SIZE, has_footer
 from lazyfs.oci_layout import MAX_JSON_BYTES, ImageSource, Reference
 from lazyfs.source import copy_to_file
 
@@ -229,6 +228,8 @@ def pinned_reference(image: ImageSource) -> str:
 
 def ends_with_footer(path: str) -> bool:
     """A lone seekable blob (either format) rather than an image layout or archive."""
+    from lazyfs.format.seekable import MAX_FOOTER_SIZE, has_footer
+
     with open(path, "rb") as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - MAX_FOOTER_SIZE))

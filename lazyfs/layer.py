@@ -17,6 +17,7 @@ from lazyfs.format.codec import GzipCodec
 from lazyfs.format.seekable import (TOCRegion, locate_toc, parse_toc_region,
                                     region_from_position_annotation)
 from lazyfs.format.toc import ResolvedEntry, resolve
+from lazyfs.layerspec import LayerSpec  # noqa: F401 - what open_layer takes
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +28,6 @@ MIN_BLOB_SIZE = 40  # smaller than any footer
 # TOCs of a many-layer image fetched at once: enough for typical images (5-15 layers) without
 # opening dozens of connections to one server at mount.
 MAX_PARALLEL_TOC_FETCHES = 8
-
-
-@dataclass
-class LayerSpec:
-    """Where a layer is and what pins it, as the image (or the command line) says."""
-
-    source: object  # a lazyfs.source.BlobSource
-    toc_digest: str | None  # None only with --insecure-skip-verify
-    label: str  # for messages and stats: the blob digest or the blob's location
-    blob_size: int | None = None  # from the manifest descriptor: saves a request
-    toc_position: str | None = None  # zstd:chunked manifest-position annotation, if any
-    prefetch_end: int | None = None  # where the prioritized files end (a hint, not trusted)
 
 
 @dataclass

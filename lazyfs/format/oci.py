@@ -56,6 +56,13 @@ ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 # while it fetches the TOC; the bytes are verified against the TOC like any others, so a wrong
 # value costs a bounded useless download, never a wrong byte. Absent: nothing is prioritized.
 ANNOTATION_PREFETCH_END = "dev.lazyfs.prefetch.end-offset"
+# zstd:chunked's TOC checksum and position ("OFFSET:LENGTH:UNCOMPRESSED:TYPE", see
+# format/zstdchunked.py), as its writer names them; containers/storage writes the same two
+# under the io.github names: read either.
+ANNOTATION_ZSTD_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
+ANNOTATION_ZSTD_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
+STORAGE_ANNOTATION_ZSTD_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
+STORAGE_ANNOTATION_ZSTD_MANIFEST_POSITION = "io.github.containers.zstd-chunked.manifest-position"
 # The tag of a manifest inside an OCI layout's index.json.
 ANNOTATION_REF_NAME = "org.opencontainers.image.ref.name"
 # The layers of a cosign signature manifest (lazyfs.signing): signed JSON payloads.

@@ -10,15 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
-from lazyfs.format import estargz, zstdchunked
+from lazyfs.format import FORMATS, MEDIA_CODEC, estargz, zstdchunked  # noqa: F401 - FORMATS
 from lazyfs.format.codec import codec_for
 from lazyfs.format.toc import TOC
 
 # Enough of the tail to hold either footer.
 MAX_FOOTER_SIZE = max(estargz.FOOTER_SIZE, zstdchunked.MAX_FOOTER_SIZE)
 
-MEDIA_CODEC = {"estargz": "gzip", "zstd:chunked": "zstd"}  # format -> chunk codec
-FORMATS = tuple(MEDIA_CODEC)
 
 
 @dataclass(frozen=True)

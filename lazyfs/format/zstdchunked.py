@@ -46,6 +46,7 @@ from dataclasses import dataclass
 import zstandard
 
 from lazyfs.errors import FormatError
+from lazyfs.format import oci
 from lazyfs.format.codec import ZstdCodec
 from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE, MAX_TOC_JSON_SIZE, sha256_digest
 from lazyfs.format.toc import TOC, dump_toc, parse_toc
@@ -63,11 +64,11 @@ STORAGE_FOOTER_SIZE = 8 + STORAGE_FOOTER_DATA_SIZE
 MAX_FOOTER_SIZE = STORAGE_FOOTER_SIZE
 _READ_PIECE = 8 << 20  # the TOC is inflated in pieces of this size (see read_toc_frame)
 
-ANNOTATION_MANIFEST_CHECKSUM = "io.containers.zstd-chunked.manifest-checksum"
-ANNOTATION_MANIFEST_POSITION = "io.containers.zstd-chunked.manifest-position"
-# containers/storage writes the same two under these names: read either.
-STORAGE_ANNOTATION_MANIFEST_CHECKSUM = "io.github.containers.zstd-chunked.manifest-checksum"
-STORAGE_ANNOTATION_MANIFEST_POSITION = "io.github.containers.zstd-chunked.manifest-position"
+# The layer annotations (named in oci.py, where image resolution reads them).
+ANNOTATION_MANIFEST_CHECKSUM = oci.ANNOTATION_ZSTD_MANIFEST_CHECKSUM
+ANNOTATION_MANIFEST_POSITION = oci.ANNOTATION_ZSTD_MANIFEST_POSITION
+STORAGE_ANNOTATION_MANIFEST_CHECKSUM = oci.STORAGE_ANNOTATION_ZSTD_MANIFEST_CHECKSUM
+STORAGE_ANNOTATION_MANIFEST_POSITION = oci.STORAGE_ANNOTATION_ZSTD_MANIFEST_POSITION
 
 
 def skippable_frame(data: bytes) -> bytes:
