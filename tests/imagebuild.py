@@ -17,3 +17,24 @@ def write_layout(layout: Path, layers: list[list], tag: str = "test",
     write_gzip_layout(str(layout), [tar_bytes(*members) for members in layers], tag,
                       runtime_config=config, architecture="amd64")
     return layout
+
+
+def converted_one_layer(root: Path, members: list, tag: str, chunk_size: int,
+                        layer_format: str = "estargz") -> tuple[Path, set[str]]:
+    """A one-layer image of `members`, converted (root/converted): (its layout, the digest of
+    every chunk in it)."""
+    from converter.image import convert_image
+    from converter.layer import LayerOptions
+    from lazyfs.blobfile import LocalBlob, SeekableLayer
+    from lazyfs.oci_layout import open_image
+
+    source = write_layout(root / "source", [members], tag)
+    converted = root / "converted"
+    convert_image(f"{source}:{tag}", str(converted), archive=False,
+                  options=LayerOptions(format=layer_format, chunk_size=chunk_size))
+    with open_image(f"{converted}:{tag}") as image:
+        [desc] = image.layers
+        with LocalBlob(image.blobs.unverified_path(desc)) as blob:
+            digests = {chunk.digest for item in SeekableLayer.open(blob).entries
+                       for chunk in item.chunks}
+    return converted, digests

@@ -72,7 +72,14 @@ def direct_read(path: Path, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` (fewer at the end of the file) with O_DIRECT: each read(2) goes
     to the daemon (no page cache, and no second try of a failed read by the kernel's
     readahead). In a loop, as programs read; an error is the OSError of the read."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    return read_in_a_loop(path, offset, size, os.O_DIRECT)
+
+
+def read_in_a_loop(path: Path, offset: int, size: int, flags: int = 0) -> bytes:
+    """`size` bytes at `offset` (fewer at the end of the file), pread in a loop as programs
+    read: when a later part of a big read fails, the kernel returns the part before it (a
+    short read), and the next read reports the error (the OSError raised here)."""
+    fd = os.open(path, os.O_RDONLY | flags)
     try:
         out = b""
         while len(out) < size:

@@ -22,12 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from converter.image import convert_image
-from converter.layer import LayerOptions
-from lazyfs.blobfile import LocalBlob, SeekableLayer
-from lazyfs.oci_layout import open_image
 from tests.faultproxy import FaultProxy
-from tests.imagebuild import write_layout
+from tests.imagebuild import converted_one_layer
 from tests.mounting import (assert_cache_holds_only_verified, direct_read, lazyfs_cmd,
                             lazyfs_stats, mounted, require_fuse)
 from tests.tarbuild import dir_, file_
@@ -51,16 +47,7 @@ def crash_layout(tmp_path_factory):
     require_fuse()
     root = tmp_path_factory.mktemp("crash-image")
     members = [dir_("etc/")] + [file_(path, data) for path, data in FILES.items()]
-    source = write_layout(root / "source", [members], TAG)
-    converted = root / "converted"
-    convert_image(f"{source}:{TAG}", str(converted), archive=False,
-                  options=LayerOptions(format="estargz", chunk_size=CHUNK))
-    with open_image(f"{converted}:{TAG}") as image:
-        [desc] = image.layers
-        with LocalBlob(image.blobs.unverified_path(desc)) as blob:
-            digests = {chunk.digest for item in SeekableLayer.open(blob).entries
-                       for chunk in item.chunks}
-    return converted, digests
+    return converted_one_layer(root, members, TAG, CHUNK)
 
 
 def blob_reads(method, path, headers) -> bool:

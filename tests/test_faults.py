@@ -36,7 +36,7 @@ from lazyfs.prefetch import prioritized_chunks
 from tests.faultproxy import FaultProxy
 from tests.imagebuild import write_layout
 from tests.mounting import (assert_cache_holds_only_verified, direct_read, forget_pages,
-                            lazyfs_cmd, lazyfs_stats, mounted, require_fuse)
+                            lazyfs_cmd, lazyfs_stats, mounted, read_in_a_loop, require_fuse)
 from tests.tarbuild import dir_, file_
 
 KiB = 1024
@@ -152,17 +152,7 @@ def pread(mount_dir: Path, path: str, offset: int, size: int) -> bytes:
 
     In a loop, as programs read: when a later part of a big read fails, the kernel returns
     the part before it (a short read), and the next read reports the error."""
-    fd = os.open(mount_dir / path, os.O_RDONLY)
-    try:
-        out = b""
-        while len(out) < size:
-            part = os.pread(fd, size - len(out), offset + len(out))
-            if not part:
-                break
-            out += part
-        return out
-    finally:
-        os.close(fd)
+    return read_in_a_loop(mount_dir / path, offset, size)
 
 
 def read_all(mount_dir: Path, path: str) -> bytes:

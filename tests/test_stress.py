@@ -34,13 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from converter.image import convert_image
-from converter.layer import LayerOptions
-from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.fetchoptions import FetchOptions
-from lazyfs.oci_layout import open_image
 from tests.faultproxy import FaultProxy
-from tests.imagebuild import write_layout
+from tests.imagebuild import converted_one_layer
 from tests.mounting import (assert_cache_holds_only_verified, daemon_rss_bytes, direct_read,
                             lazyfs_stats, mounted, require_fuse)
 from tests.tarbuild import dir_, file_
@@ -84,16 +80,7 @@ def stress_layout(tmp_path_factory):
     root = tmp_path_factory.mktemp("stress-image")
     members = [dir_(f"d{number:02d}/") for number in range(16)]
     members += [file_(path, data) for path, data in FILES.items()]
-    source = write_layout(root / "source", [members], TAG)
-    converted = root / "converted"
-    convert_image(f"{source}:{TAG}", str(converted), archive=False,
-                  options=LayerOptions(format="estargz", chunk_size=CHUNK))
-    with open_image(f"{converted}:{TAG}") as image:
-        [desc] = image.layers
-        with LocalBlob(image.blobs.unverified_path(desc)) as blob:
-            digests = {chunk.digest for item in SeekableLayer.open(blob).entries
-                       for chunk in item.chunks}
-    return converted, digests
+    return converted_one_layer(root, members, TAG, CHUNK)
 
 
 def test_64_readers_at_random_offsets_get_right_bytes_in_bounded_memory(stress_layout, nginx,

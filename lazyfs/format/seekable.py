@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
-from lazyfs.format import FORMATS, MEDIA_CODEC, estargz, zstdchunked  # noqa: F401 - FORMATS
+from lazyfs.format import FORMATS, MEDIA_CODEC, estargz, zstdchunked  # noqa: F401 (FORMATS)
 from lazyfs.format.codec import codec_for
 from lazyfs.format.toc import TOC
 

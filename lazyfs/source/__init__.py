@@ -15,11 +15,12 @@ impossible from it). Programming errors (negative offsets) are ValueError.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
-from lazyfs.errors import FetchError
+from lazyfs.errors import FetchError, RangeNotSupported
 
 
 class BlobSource(Protocol):
@@ -76,6 +77,36 @@ def copy_to_file(source, path: str, size: int | None = None) -> str:
             hasher.update(piece)
             out.write(piece)
     return "sha256:" + hasher.hexdigest()
+
+
+# "bytes FIRST-LAST/TOTAL" (RFC 9110), TOTAL "*" when the server does not say.
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def check_content_range(header: str, blob_offset: int, blob_end: int, *, where: str,
+                        wanted: str, known_size: int | None) -> int | None:
+    """The blob's total size (None: "*") from a Content-Range that must name exactly the bytes
+    [blob_offset, blob_end] asked for. A range clipped at the blob's end is the caller reading
+    past it (FetchError); other ranges, or a malformed header, mean the server cannot be
+    trusted with byte ranges (RangeNotSupported); a total that differs from `known_size` means
+    the blob changed under us."""
+    match = CONTENT_RANGE.fullmatch(header.strip())
+    if match is None:
+        raise RangeNotSupported(f"{where}: malformed Content-Range {header!r} for {wanted}")
+    first, last = int(match[1]), int(match[2])
+    total = None if match[3] == "*" else int(match[3])
+    if total is not None:
+        if known_size is not None and total != known_size:
+            raise FetchError(f"{where}: blob changed size under us: {known_size} bytes before, "
+                             f"{total} now")
+        if first == blob_offset and last == total - 1 < blob_end:
+            # A correct server clipping our range at the end: the caller read past the end.
+            raise FetchError(f"{where}: {blob_end + 1 - blob_offset} bytes at {blob_offset} "
+                             f"are past the end of the blob ({total} bytes)")
+    if (first, last) != (blob_offset, blob_end):
+        raise RangeNotSupported(f"{where}: asked for {wanted}, server answered "
+                                f"Content-Range {header!r}")
+    return total
 
 
 def check_range(blob_offset: int, length: int) -> None:

@@ -42,7 +42,7 @@ import urllib3
 from requests.adapters import HTTPAdapter
 
 from lazyfs.errors import FetchError, NotFound, RangeNotSupported
-from lazyfs.source import check_range
+from lazyfs.source import CONTENT_RANGE, check_content_range, check_range
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ _MAX_PART_HEADER_LINES = 32
 _MAX_PREAMBLE_LINES = 16
 # A cached redirect target answering one of these has most likely expired: resolve again.
 _EXPIRED_LOCATION_STATUSES = frozenset({401, 403, 404, 410})
-
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _UNSATISFIED_RANGE = re.compile(r"bytes \*/(\d+)")
 _BOUNDARY = re.compile(r'boundary=(?:"([^"]{1,200})"|([^;,\s]{1,200}))', re.IGNORECASE)
 
@@ -288,24 +286,8 @@ class HttpSource:
         """The blob's total size from a Content-Range that must be exactly the range asked for."""
         if header is None:
             raise RangeNotSupported(f"{self._where}: {missing} for {wanted}")
-        match = _CONTENT_RANGE.fullmatch(header.strip())
-        if match is None:
-            raise RangeNotSupported(f"{self._where}: malformed Content-Range {header!r} for "
-                                    f"{wanted}")
-        first, last = int(match[1]), int(match[2])
-        total = None if match[3] == "*" else int(match[3])
-        if total is not None:
-            if self._blob_size is not None and total != self._blob_size:
-                raise FetchError(f"{self._where}: blob changed size under us: {self._blob_size} "
-                                 f"bytes before, {total} now")
-            if first == blob_offset and last == total - 1 < blob_end:
-                # A correct server clipping our range at the end: the caller read past the end.
-                raise FetchError(f"{self._where}: {blob_end + 1 - blob_offset} bytes at "
-                                 f"{blob_offset} are past the end of the blob ({total} bytes)")
-        if (first, last) != (blob_offset, blob_end):
-            raise RangeNotSupported(f"{self._where}: asked for {wanted}, server answered "
-                                    f"Content-Range {header!r}")
-        return total
+        return check_content_range(header, blob_offset, blob_end, where=self._where,
+                                   wanted=wanted, known_size=self._blob_size)
 
     def _probe_size(self) -> int:
         with self._send("HEAD") as resp:
@@ -331,7 +313,7 @@ class HttpSource:
             if resp.status_code != 206:
                 raise _status_error(resp, self._where, "size probe (HEAD, then GET bytes=0-0)")
             header = resp.headers.get("Content-Range", "")
-            match = _CONTENT_RANGE.fullmatch(header.strip())
+            match = CONTENT_RANGE.fullmatch(header.strip())
             if match is None or match[1] != "0" or match[2] != "0" or match[3] == "*":
                 raise RangeNotSupported(f"{self._where}: cannot learn the blob size: "
                                         f"Content-Range {header!r} for bytes=0-0")

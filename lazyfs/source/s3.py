@@ -15,12 +15,11 @@ worker threads; its connection pool is sized to the fetcher's connections (`set_
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FetchError, LazyfsError, NotFound, RangeNotSupported
-from lazyfs.source import check_range
+from lazyfs.source import CONTENT_RANGE, check_content_range, check_range
 from lazyfs.source.http import POOL_CONNECTIONS, redact_url
 
 # botocore logs every request's headers at DEBUG, session tokens included, and `lazyfs --debug`
@@ -31,7 +30,7 @@ for _name in ("botocore", "boto3", "s3transfer"):
 
 log = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
 _READ_BLOCK_BYTES = 256 * 1024  # body pieces handed to the fetcher as they arrive
 
 # S3 error codes, by what they mean for the caller. Codes a HEAD reply cannot carry (it has no
@@ -295,21 +294,11 @@ class S3Source:
     def _check_content_range(self, header: str | None, blob_offset: int, blob_end: int,
                              wanted: str) -> int:
         """The object's size from a Content-Range that must be exactly the range asked for."""
-        match = _CONTENT_RANGE.fullmatch((header or "").strip())
-        if match is None or match[3] == "*":
-            raise RangeNotSupported(f"{self.url}: missing or malformed Content-Range "
-                                    f"{header!r} for {wanted}")
-        first, last, total = int(match[1]), int(match[2]), int(match[3])
-        if self._blob_size is not None and total != self._blob_size:
-            raise FetchError(f"{self.url}: object changed size under us: {self._blob_size} "
-                             f"bytes before, {total} now")
-        if first == blob_offset and last == total - 1 < blob_end:
-            # S3 clips a range that runs past the end: the caller read past the end.
-            raise FetchError(f"{self.url}: {blob_end + 1 - blob_offset} bytes at {blob_offset} "
-                             f"are past the end of the blob ({total} bytes)")
-        if (first, last) != (blob_offset, blob_end):
-            raise RangeNotSupported(f"{self.url}: asked for {wanted}, the store answered "
-                                    f"Content-Range {header!r}")
+        total = check_content_range(header or "", blob_offset, blob_end, where=self.url,
+                                    wanted=wanted, known_size=self._blob_size)
+        if total is None:
+            raise RangeNotSupported(f"{self.url}: Content-Range {header!r} for {wanted} does "
+                                    "not say the object's size")
         return total
 
     def _probe_size(self) -> int:
@@ -327,7 +316,7 @@ class S3Source:
         resp = self._call("get_object", "size probe (GET bytes=0-0 after a refused HEAD)",
                           Range="bytes=0-0")
         resp["Body"].close()
-        match = _CONTENT_RANGE.fullmatch((resp.get("ContentRange") or "").strip())
+        match = CONTENT_RANGE.fullmatch((resp.get("ContentRange") or "").strip())
         if match is None or match[1] != "0" or match[3] == "*":
             raise RangeNotSupported(f"{self.url}: cannot learn the size: Content-Range "
                                     f"{resp.get('ContentRange')!r} for bytes=0-0")
