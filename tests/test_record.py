@@ -200,6 +200,9 @@ class ZeroFetcher:
     def stats_json(self):
         return []
 
+    def threads_busy(self):
+        return False
+
 
 def test_fuse_handlers_record_through_lookup_readdir_and_read(tree, monkeypatch):
     import pyfuse3
