@@ -86,21 +86,7 @@ class FaultProxy(ThreadedHttpServer):
         self._fault: Fault | None = None
         self._lock = threading.Lock()
         self._stopping = threading.Event()  # ends the silence of stalled answers
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                proxy._handle(self)
-
-            def do_HEAD(self):
-                proxy._handle(self)
-
-            def log_message(self, *args):
-                pass
-
-        self._listen(Handler)
+        self._listen_routing({"GET": self._handle, "HEAD": self._handle})
 
     def inject(self, kind: str, *, times: int | None = None, **params) -> None:
         if kind not in KINDS:

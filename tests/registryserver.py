@@ -220,18 +220,7 @@ class TokenService(ThreadedHttpServer):
                          .add_extension(x509.KeyUsage(False, False, False, False, False, True,
                                                       True, False, False), critical=True)
                          .sign(self._ca_key, hashes.SHA256()))
-        service = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                service._handle(self)
-
-            def log_message(self, *args):
-                pass
-
-        self._listen(Handler)
+        self._listen_routing({"GET": self._handle})
 
     def registry_auth(self, directory: str | os.PathLike) -> dict:
         """The registry's `auth` section trusting this service."""
@@ -350,21 +339,7 @@ class RedirectingProxy(ThreadedHttpServer):
         self._blobs: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.storage = _Storage(self)
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                proxy._handle(self)
-
-            def do_HEAD(self):
-                proxy._handle(self)
-
-            def log_message(self, *args):
-                pass
-
-        self._listen(Handler)
+        self._listen_routing({"GET": self._handle, "HEAD": self._handle})
 
     def __enter__(self):
         self.storage.__enter__()
@@ -423,23 +398,12 @@ class _Storage(ThreadedHttpServer):
 
     def __init__(self, proxy: RedirectingProxy):
         self.proxy = proxy
-        storage = self
+        self._listen_routing({"GET": self._handle, "HEAD": self._refuse_head})
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self):
-                storage._handle(self)
-
-            def do_HEAD(self):
-                with storage.proxy._lock:
-                    storage.proxy.heads_refused += 1
-                _reply(self, 403, b"", {}, head=True)
-
-            def log_message(self, *args):
-                pass
-
-        self._listen(Handler)
+    def _refuse_head(self, request) -> None:
+        with self.proxy._lock:
+            self.proxy.heads_refused += 1
+        _reply(request, 403, b"", {}, head=True)
 
     def _handle(self, handler) -> None:
         _, signature, blob_path = urlsplit(handler.path).path.split("/", 2)

@@ -28,6 +28,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -272,6 +273,14 @@ class ThreadedHttpServer:
         # connections mid-body: not an error here.
         self._server.handle_error = lambda request, address: None
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _listen_routing(self, routes: dict[str, Callable]) -> None:
+        """Listen with a keep-alive handler that calls routes[METHOD](request) for each
+        request, quietly (no access log on stderr)."""
+        attrs = {"protocol_version": "HTTP/1.1", "log_message": lambda request, *args: None}
+        for method, route in routes.items():
+            attrs[f"do_{method}"] = lambda request, route=route: route(request)
+        self._listen(type("Handler", (http.server.BaseHTTPRequestHandler,), attrs))
 
     @property
     def url(self) -> str:
