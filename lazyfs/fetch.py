@@ -56,7 +56,7 @@ DEFAULT_MEMORY_BYTES = FetchOptions.memory_bytes
 DEFAULT_PARALLEL_FETCHES = FetchOptions.max_connections
 # Disk cache reads up to this size run on the event loop instead of a worker thread: a thread
 # round trip (~50 us, several times that on a busy machine) costs more than a pread and the
-# sha256 of a few 16 KiB blocks from a local disk (~10-60 us), and random and small-file reads
+# BLAKE3 of a few 16 KiB blocks from a local disk (~10-60 us), and random and small-file reads
 # are dominated by it. Bigger reads go to a thread so that the loop keeps serving others.
 INLINE_CACHE_READ_BYTES = 64 << 10
 # Files whose last read end is remembered for readahead (an LRU: a few bytes each).
@@ -171,6 +171,7 @@ class ChunkFetcher:
 
     async def read(self, layer, chunks: list[Chunk], file_offset: int, size: int) -> bytes:
         """`size` bytes of a file from `file_offset` (fewer at the end of the file)."""
+        self.demand.saw_read()
         end = file_offset + size
         wanted = _covering(chunks, file_offset, end)
         if len(wanted) == 1:

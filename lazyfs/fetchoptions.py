@@ -88,6 +88,12 @@ class FetchOptions:
     # shares the link with a background transfer it arrived during (4 MiB at 100 Mbit/s is
     # 0.34 s) while keeping the round trip per request under ~6% of the transfer time.
     background_request_bytes: int = 4 << 20
+    # The background fetch starts once no file has been read for this long after the prefetch
+    # (at most background_max_wait_s after it): a program starting up is reading, and the
+    # background transfer's inflating, hashing and cache writes would take CPU from it, and
+    # its 4 MiB requests would hold the link while the program's next on-demand read waits.
+    background_quiet_s: float = 1.0
+    background_max_wait_s: float = 30.0
 
     # Verified chunks kept in memory: a 128 KiB read pattern over a 4 MiB chunk must not re-read
     # and re-hash the chunk from the disk cache 32 times.

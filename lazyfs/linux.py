@@ -7,7 +7,6 @@ they make live only in a private mount namespace that dies with that process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import fcntl
 import os
 import re
@@ -22,7 +21,9 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+# dlopen(NULL): the C library this process already has loaded. (ctypes.util.find_library
+# forks `ldconfig -p` and parses its output, on the path to a cold start.)
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _check(result: int, what: str) -> None:

@@ -221,11 +221,11 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
     # resolves, that thread would compete with it for the interpreter.
     importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
                                 daemon=True)
-    importer.start()
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         if options.fetch.prefetch:
             _start_speculative_prefetch(image.layers, cache)
+        importer.start()  # after the speculative downloads' threads, which send requests
         # Again after a transient failure: a layer already opened comes from the TOC cache.
         layers = _retried(lambda: open_layers(image.layers, cache), options)
         tree = build_tree([layer.entries for layer in layers])

@@ -12,7 +12,9 @@ mount serves its first request (`nursery.start` returns only after the claims), 
 prioritized file always finds its chunks in flight and waits for the prefetch instead of racing
 it with a second request for the same bytes.
 
-Background fetch: after the prefetch, the rest of each remote layer, at the lowest priority:
+Background fetch: after the prefetch, once the mount has been quiet for a moment (no file read
+for FetchOptions.background_quiet_s: a program starting up must not share the CPU and the link
+with it), the rest of each remote layer, at the lowest priority:
   * it waits until no on-demand read is fetching before each request (DemandGauge), and its
     requests are bounded (FetchOptions.background_request_bytes), so it pauses within one
     request of a program needing data;
@@ -68,6 +70,8 @@ async def prefetch_and_background(fetcher, *, task_status=trio.TASK_STATUS_IGNOR
             for layer, claimed in claims:
                 nursery.start_soon(_prefetch_layer, fetcher, layer, claimed)
         if options.background_fetch:
+            await fetcher.demand.wait_quiet(options.background_quiet_s,
+                                            options.background_max_wait_s)
             await background_fetch(fetcher)
         if stay:
             await trio.sleep_forever()

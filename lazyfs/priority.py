@@ -115,11 +115,29 @@ class PriorityLimiter:
 
 
 class DemandGauge:
-    """How many on-demand fetches are running; lets background work wait for none."""
+    """How many on-demand fetches are running, and when a file was last read; lets background
+    work wait for none, or for a quiet mount."""
 
     def __init__(self):
         self.active = 0
         self._idle: trio.Event | None = None
+        self.last_read_s = float("-inf")  # trio.current_time() of the latest read
+
+    def saw_read(self) -> None:
+        self.last_read_s = trio.current_time()
+
+    async def wait_quiet(self, quiet_s: float, max_wait_s: float) -> None:
+        """Until no file has been read for quiet_s seconds, counted from now at the earliest
+        (a program that has not started reading yet is about to), or max_wait_s have passed
+        (a program that never stops reading must not keep the image from becoming local)."""
+        now_s = trio.current_time()
+        deadline_s = now_s + max_wait_s
+        self.last_read_s = max(self.last_read_s, now_s)
+        while True:
+            quiet_at_s = self.last_read_s + quiet_s
+            if trio.current_time() >= min(quiet_at_s, deadline_s):
+                return
+            await trio.sleep_until(min(quiet_at_s, deadline_s))
 
     @contextlib.contextmanager
     def busy(self):

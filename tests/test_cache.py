@@ -414,19 +414,25 @@ def test_a_missing_file_is_a_miss(tmp_path):
 def test_verified_put_skips_the_whole_chunk_hash(tmp_path, monkeypatch):
     c = ChunkCache(str(tmp_path), block_size=BLOCK)
     d, data = big_chunk(1)
-    hashed = []
-    real_sha256 = hashlib.sha256
+    sha256_calls, block_hashed = [], []
+    real_sha256, real_blake3 = hashlib.sha256, cache_mod.blake3
 
     def sha256(data=b""):
-        hashed.append(len(data))
+        sha256_calls.append(len(data))
         return real_sha256(data)
 
+    def blake3(data=b""):
+        block_hashed.append(len(data))
+        return real_blake3(data)
+
     monkeypatch.setattr(cache_mod.hashlib, "sha256", sha256)
+    monkeypatch.setattr(cache_mod, "blake3", blake3)
     c.put(d, data, verified=True)
-    assert hashed == [BLOCK] * 10 + [len(data) % BLOCK]  # each block once, nothing else
-    hashed.clear()
+    blocks = [BLOCK] * 10 + [len(data) % BLOCK]
+    assert sha256_calls == [] and block_hashed == blocks  # each block once, nothing else
+    block_hashed.clear()
     c.put(d, data)  # unverified: the whole chunk too (fed block by block, in the same pass)
-    assert hashed == [0] + [BLOCK] * 10 + [len(data) % BLOCK]
+    assert sha256_calls == [0] and block_hashed == blocks
     monkeypatch.undo()
     assert c.read_range(d, 0, len(data)) == data
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import random
 import threading
+import time
 
 import pytest
 import trio
@@ -157,6 +158,61 @@ def test_demand_gauge_holds_background_until_idle():
     assert events == [("demand done", 5.0), ("background", 5.0)]
 
 
+def test_wait_quiet_waits_for_a_pause_in_reads_counted_from_the_call():
+    async def main():
+        gauge = DemandGauge()
+        started = trio.current_time()
+
+        async def reads_every(interval_s, until_s):
+            while trio.current_time() - started < until_s:
+                gauge.saw_read()
+                await trio.sleep(interval_s)
+
+        # Nothing read yet: the quiet period still counts from the call (a program about to
+        # start must not find the background fetch running).
+        await gauge.wait_quiet(1.0, 30.0)
+        assert trio.current_time() - started == 1.0
+        # Reads every 0.3 s for 2 s: the quiet second starts at the last one.
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reads_every, 0.3, 2.0)
+            await gauge.wait_quiet(1.0, 30.0)
+            waited_s = trio.current_time() - started
+        assert waited_s == pytest.approx(1.8 + 1.0)
+        # A program that never pauses: max_wait_s bounds the wait.
+        started = trio.current_time()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reads_every, 0.3, 100.0)
+            await gauge.wait_quiet(1.0, 30.0)
+            assert trio.current_time() - started == pytest.approx(30.0)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_background_fetch_starts_once_reads_pause(setup):
+    source, cache, layer, files, content = setup
+    fetcher = ChunkFetcher([layer], cache, options=fast(background_quiet_s=0.5))
+    read_times = []
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(prefetch_and_background, fetcher, stay=False))
+            for _ in range(8):  # a program reading its prefetched files for ~0.8 s
+                assert await fetcher.read(layer, files["p1"].chunks, 0, 100) == \
+                    content["p1"][:100]
+                read_times.append(time.monotonic())
+                await trio.sleep(0.1)
+
+    trio.run(main)
+    # The prefetch was the only request while the program read; the background requests
+    # came half a second after its last read, and made the layer local.
+    stats = fetcher.stats[0]
+    assert stats.background_done and len(source.calls) > 1
+    assert source.call_times[0] < read_times[0]
+    assert source.call_times[1] - read_times[-1] >= 0.5 - 0.02
+
+
 # --- retries on the mock clock -------------------------------------------------------------
 
 def run_retrying(policy, errors, seed=0):
@@ -250,6 +306,7 @@ class MemorySource:
     def __init__(self, data: bytes):
         self.data = bytearray(data)
         self.calls: list[list[tuple[int, int]]] = []
+        self.call_times: list[float] = []  # time.monotonic() of each call
         self.requests = 0
         self.failures: list[Exception] = []
         self.cut_after: int | None = None
@@ -269,6 +326,7 @@ class MemorySource:
     def read_ranges(self, ranges):
         with self._lock:
             self.calls.append(list(ranges))
+            self.call_times.append(time.monotonic())
             self.requests += 1
             failure = self.failures.pop(0) if self.failures else None
         self.entered.set()
@@ -306,6 +364,7 @@ def setup(tmp_path):
     cache = ChunkCache(str(tmp_path / "cache"))
     layer = open_layer(0, LayerSpec(source, result.toc_digest, "test"), cache)
     source.calls.clear()
+    source.call_times.clear()
     return source, cache, layer, {item.path: item for item in layer.entries}, content
 
 
