@@ -401,6 +401,58 @@ def print_report(results: dict, info: dict, args) -> dict:
     return {"ratios": ratios, "goals": [{"goal": t, "pass": ok} for t, ok in goals]}
 
 
+def decode_ceiling(work: Path, info: dict) -> dict:
+    """How fast each format's chunks of the big files inflate, and inflate + sha256 (the check
+    every fetched chunk must pass), in memory on one thread: what a cold read could reach with
+    no I/O, no cache and no FUSE at all. For gzip also with CPython's own zlib, the inflate
+    most gzip readers use (lazyfs uses zlib-ng's). MB/s of uncompressed bytes, best of 3."""
+    import zlib
+
+    from lazyfs.image import resolve_mount_image
+    from lazyfs.layer import open_layer
+
+    out = {}
+    for fmt in FORMATS:
+        image = resolve_mount_image(str(work / _converted_name(fmt)) + ":" + TAG)
+        try:
+            layer = open_layer(0, image.layers[0], None)
+            chunks = [chunk for item in layer.entries if item.path.startswith("big/")
+                      for chunk in item.chunks]
+            members = [layer.spec.source.read(c.blob_offset, c.blob_end - c.blob_offset)
+                       for c in chunks]
+        finally:
+            image.close()
+        total = sum(chunk.size for chunk in chunks)
+
+        def best_mb_s(step) -> float:
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                for chunk, member in zip(chunks, members):
+                    step(chunk, member)
+                best = min(best, time.perf_counter() - started)
+            return round(total / best / MB, 1)
+
+        def decode(chunk, member):
+            return layer.codec.decompress_prefix(member, chunk.inner_offset + chunk.size)
+
+        out[fmt] = {"decode": best_mb_s(decode),
+                    "decode_and_sha256": best_mb_s(
+                        lambda c, m: hashlib.sha256(decode(c, m)[c.inner_offset:]).digest())}
+        if fmt == "estargz":
+            out[fmt]["decode_stdlib_zlib"] = best_mb_s(
+                lambda c, m: zlib.decompressobj(31).decompress(m))
+    print("\ndecode ceiling (the big files' chunks in memory, one thread, no I/O, no FUSE):")
+    for fmt, figures in out.items():
+        print(f"  {fmt:13s} " + "   ".join(f"{k.replace('_', ' ')} {v:.0f} MB/s"
+                                          for k, v in figures.items()))
+    gzip, zstd = out["estargz"], out["zstd:chunked"]
+    print(f"  zstd/gzip: decode x{zstd['decode'] / gzip['decode']:.2f}, decode + sha256 "
+          f"x{zstd['decode_and_sha256'] / gzip['decode_and_sha256']:.2f} "
+          f"(against CPython's zlib: x{zstd['decode'] / gzip['decode_stdlib_zlib']:.2f})")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--chunk-size", type=int, default=4 << 20, help="bytes (default 4194304)")
@@ -431,6 +483,7 @@ def main() -> None:
         busy = report_machine_load()
         results = measure(work, info, plan, args)
         summary = print_report(results, info, args)
+        summary["decode_ceiling"] = decode_ceiling(work, info)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
