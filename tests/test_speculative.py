@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from lazyfs.errors import FetchError
 from lazyfs.format import oci
 from lazyfs.oci_layout import open_image
 from lazyfs.source.http import HttpSource
+from lazyfs.source import speculative
 from lazyfs.source.speculative import MAX_SPECULATIVE_BYTES, SpeculativeSource
 from tests.imagebuild import write_layout
 from tests.tarbuild import dir_, file_
@@ -50,6 +52,66 @@ def test_the_window_is_downloaded_once_and_streamed_to_its_request(nginx, blob_u
         assert len(blob_ranges(nginx)) == 3
     finally:
         source.close()
+
+
+class AskLog:
+    """A source that records each read_ranges call's first offset, in order."""
+
+    def __init__(self, inner):
+        self.inner, self.asked = inner, []
+
+    def read_ranges(self, ranges):
+        self.asked.append(ranges[0][0])
+        yield from self.inner.read_ranges(ranges)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def wait_until(predicate, timeout_s=5.0):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_the_toc_read_goes_first_and_starts_the_download(nginx, blob_url, monkeypatch):
+    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
+    inner = AskLog(HttpSource(blob_url))
+    source = SpeculativeSource(inner, WINDOW)
+    try:
+        time.sleep(0.2)
+        assert inner.asked == []  # no window download before the TOC's read
+        tail = len(BLOB) - 1000
+        assert source.read(tail, 1000) == BLOB[tail:]
+        wait_until(lambda: len(inner.asked) == 2)
+        assert inner.asked == [tail, 0]
+        assert source.read(0, WINDOW) == BLOB[:WINDOW]
+    finally:
+        source.close()
+
+
+def test_without_an_outside_read_the_download_starts_after_a_while(nginx, blob_url,
+                                                                     monkeypatch):
+    monkeypatch.setattr(speculative, "START_WAIT_S", 0.1)
+    inner = AskLog(HttpSource(blob_url))
+    source = SpeculativeSource(inner, WINDOW)
+    try:
+        wait_until(lambda: inner.asked == [0])
+        assert source.read(10, 100) == BLOB[10:110]
+    finally:
+        source.close()
+
+
+def test_a_window_given_up_before_it_started_is_never_asked_for(nginx, blob_url, monkeypatch):
+    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
+    inner = AskLog(HttpSource(blob_url))
+    source = SpeculativeSource(inner, WINDOW)
+    source.discard()
+    source._thread.join(5)
+    assert not source._thread.is_alive() and inner.asked == []
+    assert source.read(10, 100) == BLOB[10:110]  # later reads go to the server
+    source.close()
 
 
 def test_a_request_past_the_window_goes_to_the_server(nginx, blob_url):

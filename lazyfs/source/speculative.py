@@ -13,6 +13,14 @@ members, inflated and checked against the TOC's chunk digests by the fetcher lik
 A wrong or hostile annotation only wastes at most MAX_SPECULATIVE_BYTES of download: a request
 that is not inside the speculated window goes to the underlying source.
 
+The TOC goes first, though: the mount can serve nothing before it has parsed the TOC, while
+the prefetch region is needed only as the program reads it. Started together, the two
+transfers would share the link, and the TOC would arrive about twice as late. So the download
+waits until the first read outside the window (the TOC's, through this same source) has its
+first bytes in, then opens its own connection: its round trips overlap the rest of the TOC's
+transfer, and its bytes follow the TOC's on the link without a gap. With no such read within
+START_WAIT_S, it starts anyway.
+
 The window serves one consumer, once (the prefetch): it is dropped as soon as a request inside
 it has been served, or when the prefetch ends without one (`discard`), so its memory is held
 only during the mount's first seconds.
@@ -32,10 +40,13 @@ log = logging.getLogger(__name__)
 # A speculative download is held in memory until the prefetch consumes it: this bounds it (and
 # what a lying annotation can make a mount download for nothing).
 MAX_SPECULATIVE_BYTES = 64 << 20
+# The download starts at the latest this long after the source is made, TOC read or not.
+START_WAIT_S = 1.0
 
 
 class SpeculativeSource:
-    """Wraps a BlobSource; downloads [0, end_offset) in a thread from construction on."""
+    """Wraps a BlobSource; downloads [0, end_offset) in a thread, from the first bytes of the
+    first read outside that window on (see the module doc)."""
 
     def __init__(self, inner, end_offset: int):
         self.inner = inner
@@ -46,6 +57,7 @@ class SpeculativeSource:
         self._used = False  # the window has its one consumer, or was given up
         self._released = False  # and its memory is freed: the download stops keeping bytes
         self._changed = threading.Condition()
+        self._go = threading.Event()  # set when the TOC read has bytes in: start downloading
         self._thread = threading.Thread(target=self._download, name="lazyfs-speculative",
                                         daemon=True)
         self._thread.start()
@@ -68,15 +80,18 @@ class SpeculativeSource:
             set_pool_size(max_connections)
 
     def read(self, blob_offset: int, length: int) -> bytes:
-        if not self._covers([(blob_offset, length)]):
-            return self.inner.read(blob_offset, length)
-        return b"".join(piece for _, piece in self._serve([(blob_offset, length)]))
+        return b"".join(piece for _, piece in self.read_ranges([(blob_offset, length)]))
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         if self._covers(ranges):
             yield from self._serve(ranges)
-        else:
-            yield from iter_ranges(self.inner, ranges)
+            return
+        try:
+            for index, piece in iter_ranges(self.inner, ranges):
+                self._go.set()  # the TOC's first bytes are in: the window's download may go
+                yield index, piece
+        finally:
+            self._go.set()
 
     def close(self) -> None:
         self._give_up()
@@ -127,7 +142,11 @@ class SpeculativeSource:
             return len(self._buffer)
 
     def _download(self) -> None:
+        self._go.wait(START_WAIT_S)
         try:
+            with self._changed:
+                if self._released:  # given up before it started: ask for nothing
+                    return
             for _, piece in iter_ranges(self.inner, [(0, self.end_offset)]):
                 with self._changed:
                     if self._released:
@@ -145,6 +164,7 @@ class SpeculativeSource:
 
     def _give_up(self) -> None:
         """The window will serve nobody (the prefetch is over, or the mount is closing)."""
+        self._go.set()  # a download still waiting to start finds the window released
         with self._changed:
             if not self._used:
                 self._used = True
