@@ -28,6 +28,9 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# An editable install leaves lazyfs uncompiled, and where PYTHONDONTWRITEBYTECODE is set every
+# start would compile it again (~50 ms of a cold start): compile it once, as pip install does.
+.venv/bin/python -m compileall -q lazyfs converter >/dev/null
 
 if [ "${1:-}" != "--install-only" ]; then
   .venv/bin/lazyfs demo

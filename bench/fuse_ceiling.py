@@ -42,13 +42,14 @@ from bench import read as readbench  # noqa: E402
 from bench.benchlib import check_system, drop_caches  # noqa: E402
 from lazyfs import linux  # noqa: E402
 from lazyfs.awake import Activity  # noqa: E402
+from lazyfs.mount import MountOptions  # noqa: E402
 
-KERNEL_READAHEAD_BYTES = 1 << 20  # what lazyfs sets (mount.MountOptions)
+KERNEL_READAHEAD_BYTES = MountOptions().kernel_readahead_bytes  # what lazyfs sets
 CACHE_TIMEOUT_S = 3600.0
 
 
 class MemoryFS(pyfuse3.Operations):
-    """A read-only tree whose files are bytes in memory; inode numbers from 2 up in walk order."""
+    """A read-only tree whose files are bytes in memory; inode numbers given in walk order."""
 
     def __init__(self, root: Path):
         super().__init__()
