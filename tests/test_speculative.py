@@ -103,6 +103,18 @@ def test_without_an_outside_read_the_download_starts_after_a_while(nginx, blob_u
         source.close()
 
 
+def test_a_read_of_the_window_starts_the_download_at_once(nginx, blob_url, monkeypatch):
+    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
+    inner = AskLog(HttpSource(blob_url))
+    source = SpeculativeSource(inner, WINDOW)
+    try:
+        started = time.monotonic()
+        assert source.read(0, WINDOW) == BLOB[:WINDOW]
+        assert time.monotonic() - started < 10 and inner.asked == [0]
+    finally:
+        source.close()
+
+
 def test_a_window_given_up_before_it_started_is_never_asked_for(nginx, blob_url, monkeypatch):
     monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
     inner = AskLog(HttpSource(blob_url))

@@ -84,6 +84,7 @@ class SpeculativeSource:
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         if self._covers(ranges):
+            self._go.set()  # the window's consumer is here: no reason to wait any longer
             yield from self._serve(ranges)
             return
         try:
