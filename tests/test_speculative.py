@@ -68,6 +68,13 @@ class AskLog:
         return getattr(self.inner, name)
 
 
+def watched(blob_url, monkeypatch, start_wait_s):
+    """(its AskLog, a SpeculativeSource over it) for the blob, the download's wait set."""
+    monkeypatch.setattr(speculative, "START_WAIT_S", start_wait_s)
+    inner = AskLog(HttpSource(blob_url))
+    return inner, SpeculativeSource(inner, WINDOW)
+
+
 def wait_until(predicate, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     while not predicate():
@@ -76,9 +83,7 @@ def wait_until(predicate, timeout_s=5.0):
 
 
 def test_the_toc_read_goes_first_and_starts_the_download(nginx, blob_url, monkeypatch):
-    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
-    inner = AskLog(HttpSource(blob_url))
-    source = SpeculativeSource(inner, WINDOW)
+    inner, source = watched(blob_url, monkeypatch, 30.0)
     try:
         time.sleep(0.2)
         assert inner.asked == []  # no window download before the TOC's read
@@ -93,9 +98,7 @@ def test_the_toc_read_goes_first_and_starts_the_download(nginx, blob_url, monkey
 
 def test_without_an_outside_read_the_download_starts_after_a_while(nginx, blob_url,
                                                                      monkeypatch):
-    monkeypatch.setattr(speculative, "START_WAIT_S", 0.1)
-    inner = AskLog(HttpSource(blob_url))
-    source = SpeculativeSource(inner, WINDOW)
+    inner, source = watched(blob_url, monkeypatch, 0.1)
     try:
         wait_until(lambda: inner.asked == [0])
         assert source.read(10, 100) == BLOB[10:110]
@@ -104,9 +107,7 @@ def test_without_an_outside_read_the_download_starts_after_a_while(nginx, blob_u
 
 
 def test_a_read_of_the_window_starts_the_download_at_once(nginx, blob_url, monkeypatch):
-    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
-    inner = AskLog(HttpSource(blob_url))
-    source = SpeculativeSource(inner, WINDOW)
+    inner, source = watched(blob_url, monkeypatch, 30.0)
     try:
         started = time.monotonic()
         assert source.read(0, WINDOW) == BLOB[:WINDOW]
@@ -116,9 +117,7 @@ def test_a_read_of_the_window_starts_the_download_at_once(nginx, blob_url, monke
 
 
 def test_a_window_given_up_before_it_started_is_never_asked_for(nginx, blob_url, monkeypatch):
-    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
-    inner = AskLog(HttpSource(blob_url))
-    source = SpeculativeSource(inner, WINDOW)
+    inner, source = watched(blob_url, monkeypatch, 30.0)
     source.discard()
     source._thread.join(5)
     assert not source._thread.is_alive() and inner.asked == []
