@@ -1227,8 +1227,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def byte_compile_lazyfs() -> None:
     """Compile lazyfs to bytecode first, as `pip install` does: an editable install run with
-    PYTHONDONTWRITEBYTECODE set (as some CI environments do) would otherwise compile every
-    module on every start, ~50 ms of each lazyfs run on this machine that no user pays."""
+    PYTHONDONTWRITEBYTECODE set (as one of our machines had) would otherwise compile every
+    module on every start, ~50 ms of each lazyfs run there, which no user pays."""
     subprocess.run([sys.executable, "-m", "compileall", "-q", "lazyfs"], cwd=REPO, check=True,
                    stdout=subprocess.DEVNULL)
 

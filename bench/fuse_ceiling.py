@@ -6,12 +6,12 @@ Needs root (drop_caches, mounts), /dev/fuse and fusermount3.
 
 bench/read.py compares lazyfs with the local disk. This script asks how much of the gap any
 daemon on the same stack must keep: it mounts a minimal pyfuse3 filesystem (the same library,
-event loop, mount options, keep_cache, 1 MiB kernel readahead and busy poll as lazyfs) whose files are
-bytes objects in memory, so that a read costs the FUSE round trip, the copy of the reply and
-nothing else: no cache file, no digest check, no decompression. It then runs bench/read.py's
-workloads on it (`seq`, `small`, `random`, the same files, the same reading code, page cache
-dropped before each pass) and next to them the local disk, the figure bench/read.py's "warm
-within 1.5x of local disk" goals are measured against.
+event loop, mount options, keep_cache, 1 MiB kernel readahead and busy poll as lazyfs) whose
+files are bytes objects in memory, so that a read costs the FUSE round trip, the copy of the
+reply and nothing else: no cache file, no digest check, no decompression. It then runs
+bench/read.py's workloads on it (`seq`, `small`, `random`: the same files, the same reading
+code, the page cache dropped before each pass) and, next to them, on the local disk: the
+figure bench/read.py's "warm within 1.5x of local disk" goals are measured against.
 
 The image is bench/read.py's: pass the same --workdir to reuse the one it built (else it is
 built here the same way, with bench/read.py's default sizes).
@@ -209,7 +209,8 @@ def main() -> None:
                     random_count=20000, block_size=1 << 20)
     for name, value in defaults.items():
         setattr(args, name, value)
-    work = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="lazyfs-ceiling-"))
+    work = (args.workdir.resolve() if args.workdir
+            else Path(tempfile.mkdtemp(prefix="lazyfs-ceiling-")))
     info = readbench.prepare(work, args)
     plan = readbench.random_plan(info, args)
     info["expected"] = readbench.expected_checksums(work / "local", info, plan)
@@ -218,7 +219,8 @@ def main() -> None:
     ceilings = report(results)
     print(f"\ntotal {time.perf_counter() - started:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "ceilings": ceilings}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"results": results, "ceilings": ceilings},
+                                        indent=2) + "\n")
 
 
 if __name__ == "__main__":

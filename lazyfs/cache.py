@@ -65,8 +65,8 @@ chunk's name, so a block that matches its digest holds exactly the verified byte
 cryptographic hash like sha256: a file altered on disk, by accident or on purpose, cannot be
 made to match). BLAKE3 rather than sha256 because every byte of every warm read is hashed
 again: on 16 KiB blocks it runs at ~3 GB/s here against sha256's ~1 GB/s (with SHA-NI), and
-sha256 was two thirds of a warm sequential read's cost. They are kept in memory only, never on disk (a
-file next to the chunk could be altered together with it), in an LRU bounded by
+sha256 was two thirds of a warm sequential read's cost. They are kept in memory only, never on
+disk (a file next to the chunk could be altered together with it), in an LRU bounded by
 ``block_digest_bytes``; a chunk without them (another process stored it, or they were dropped)
 is read with ``get`` once, which records them again. ``read_range`` touches the file's mtime (the
 LRU clock) at most once per ``TOUCH_INTERVAL_SECONDS`` as this process sees it, not on every
@@ -197,8 +197,8 @@ class ChunkCache:
         self.max_bytes = max_bytes
         self.block_size = block_size
         self.block_digest_bytes = block_digest_bytes
-        # Chunk hex → (chunk size, concatenated BLAKE3 digests of its blocks), least recently used
-        # first; _block_bytes is their accounted total. Guarded by _lock.
+        # Chunk hex → (chunk size, concatenated BLAKE3 digests of its blocks), least recently
+        # used first; _block_bytes is their accounted total. Guarded by _lock.
         self._blocks: collections.OrderedDict[str, tuple[int, bytes]] = collections.OrderedDict()
         self._block_bytes = 0
         self._chunks_dir = os.path.join(self.root, "chunks", "sha256")
