@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from lazyfs.blobfile import LocalBlob, SeekableLayer
-from lazyfs.layer import TAIL_READ_BYTES
 from lazyfs.oci_layout import open_image
-from tests.mounting import mounted
+from tests.mounting import assert_mount_read_only_tocs, mounted
 from tests.tarbuild import tree_of
 from tests.testimage import BIG, TAG
 
@@ -66,20 +65,9 @@ def test_only_touched_chunks_are_fetched_and_rereads_are_free(published, nginx, 
     base_entries = layers[base_uri][0]
     big = base_entries["data/big.bin"]
     with mounted(url, mount_dir, "--no-background-fetch", cache_dir=tmp_path / "cache"):
-        # Mounting read each layer's TOC and nothing else of the blobs. eStargz: the tail (one
-        # request, or two when the TOC is larger than the first tail read, never overlapping).
-        # zstd:chunked: the manifest annotation says where the TOC is, so exactly its range.
-        mount_reads = blob_ranges(nginx, layers)
-        assert {uri for uri, _ in mount_reads} == set(layers)
-        for uri, (_, blob_size, region) in layers.items():
-            spans = sorted(tuple(map(int, header.removeprefix("bytes=").split("-")))
-                           for u, header in mount_reads if u == uri)
-            if region.format == "zstd:chunked":
-                assert spans == [(region.toc_start, region.toc_end - 1)]
-                continue
-            first_needed = max(0, min(region.toc_start, blob_size - TAIL_READ_BYTES))
-            assert spans[0][0] >= first_needed and spans[-1][1] == blob_size - 1, spans
-            assert sum(last - first + 1 for first, last in spans) == blob_size - first_needed
+        assert_mount_read_only_tocs(blob_ranges(nginx, layers),
+                                    {uri: (size, region) for uri, (_, size, region)
+                                     in layers.items()})
         nginx.clear_log()
 
         # Read 4 KiB in the middle of the big file's second chunk: exactly that chunk's range.

@@ -22,12 +22,11 @@ from lazyfs.errors import FetchError, FormatError, NotFound, RangeNotSupported
 from lazyfs.format import oci
 from lazyfs.imageref import (LoneBlob, SourceOptions, open_reference, pinned_reference,
                              scheme_of)
-from lazyfs.layer import TAIL_READ_BYTES
 from lazyfs.oci_layout import open_image
 from lazyfs.s3 import S3Layout, S3PushStore
 from lazyfs.source.s3 import S3Source
 from tests.faultproxy import FaultProxy
-from tests.mounting import mounted
+from tests.mounting import assert_mount_read_only_tocs, mounted
 from tests.s3server import SECRET_ACCESS_KEY
 from tests.servers import (NoHeadServer, NoRangeServer, ShortBodyServer, SilentServer,
                            WrongContentRangeServer)
@@ -120,19 +119,9 @@ def test_only_touched_chunks_are_fetched_and_rereads_are_free(published, tmp_pat
     mount_dir = tmp_path / "mnt"
     with mounted(published.ref, mount_dir, "--s3-endpoint", published.endpoint,
                  "--no-background-fetch", cache_dir=tmp_path / "cache"):
-        # Mounting read each layer's TOC and nothing else of the blobs. eStargz: the tail.
-        # zstd:chunked: the manifest annotation says where the TOC is, so exactly its range.
-        mount_reads = published.blob_gets()
-        assert {key for key, _ in mount_reads} == set(published.layers)
-        for key, (_, blob_size, region, _) in published.layers.items():
-            spans = sorted(tuple(map(int, header.removeprefix("bytes=").split("-")))
-                           for k, header in mount_reads if k == key)
-            if region.format == "zstd:chunked":
-                assert spans == [(region.toc_start, region.toc_end - 1)]
-                continue
-            first_needed = max(0, min(region.toc_start, blob_size - TAIL_READ_BYTES))
-            assert spans[0][0] >= first_needed and spans[-1][1] == blob_size - 1, spans
-            assert sum(last - first + 1 for first, last in spans) == blob_size - first_needed
+        assert_mount_read_only_tocs(published.blob_gets(),
+                                    {key: (size, region) for key, (_, size, region, _)
+                                     in published.layers.items()})
         published.server.clear_log()
 
         # 4 KiB in the middle of the big file's second chunk: one GET of exactly that chunk.
