@@ -15,6 +15,9 @@ such request, to sprinkle a fault over a long run):
     status        answer `status` (default 503) without asking the server
     ignore_range  forward without the Range header: 200 with the whole body
     truncate      forward, send the right headers and half the body, then cut the connection
+    pause         forward, send the right headers and the body up to its second part's data (a
+                  multipart answer; else its first `fraction`), wait `seconds`, then the rest:
+                  an answer that completes late, its first part on time
     stall         forward, send the right headers and the first `fraction` (default half) of
                   the body, then go silent with the connection open for `seconds` (default 30,
                   or until the proxy stops): only the client's read timeout ends the wait
@@ -55,7 +58,7 @@ from tests.servers import ThreadedHttpServer
 
 _RELAYED_HEADERS = ("Content-Type", "Content-Range", "Content-Encoding", "Location",
                     "Retry-After", "Accept-Ranges", "Last-Modified", "ETag")
-KINDS = ("reset", "delay", "status", "ignore_range", "truncate", "stall", "corrupt", "flip",
+KINDS = ("reset", "delay", "status", "ignore_range", "truncate", "pause", "stall", "corrupt", "flip",
          "wrong_range", "no_multirange", "bad_multipart", "truncate_multipart")
 # Faults that only apply to requests for several ranges.
 _MULTI_RANGE_KINDS = ("no_multirange", "bad_multipart", "truncate_multipart")
@@ -67,10 +70,10 @@ class Fault:
     kind: str
     times: int | None = None  # None: until cleared
     status: int = 503
-    seconds: float | None = None  # delay: the wait; stall: the silence (None: 30 s)
+    seconds: float | None = None  # delay, pause: the wait; stall: the silence (None: 30 s)
     match: Callable[[str, str, dict], bool] | None = None
     every: int = 1  # apply to every Nth matching request only
-    fraction: float = 0.5  # stall: the part of the body sent before the silence
+    fraction: float = 0.5  # stall, pause: the part of the body sent before the silence
     count: int = 3  # flip: bytes flipped (per part in a multipart answer)
     shift: int = 1  # wrong_range: how far each range moves
     lie: bool = False  # wrong_range: claim the asked-for Content-Range anyway
@@ -175,6 +178,14 @@ class FaultProxy(ThreadedHttpServer):
                     body = body[:second] + b"X" * len(boundary) + body[second + len(boundary):]
         if kind == "truncate":
             _send_cut(handler, status, reply_headers, body, len(body) // 2, method)
+            return
+        if kind == "pause" and method != "HEAD":
+            spans = _data_spans(body, reply_headers)
+            cut = spans[1][0] if len(spans) >= 2 else int(len(body) * fault.fraction)
+            _send(handler, status, reply_headers, body[:cut], False, content_length=len(body))
+            time.sleep(fault.seconds or 0.0)
+            handler.wfile.write(body[cut:])
+            handler.wfile.flush()
             return
         if kind == "stall" and method != "HEAD":
             cut = int(len(body) * fault.fraction)

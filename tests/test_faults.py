@@ -181,14 +181,15 @@ def test_prefetch_is_one_request_at_mount_and_covers_the_prioritized_files(publi
         layer = wait_for(mount_dir, "prefetch_done")
         landmark_offset = entries[".prefetch.landmark"].chunks[0].blob_offset
         # The manifest's prefetch-end annotation lets the mount ask for everything before the
-        # landmark at once, before (and side by side with) the TOC; the prefetch consumes it.
+        # landmark at once, in the TOC's request, after the TOC; the prefetch consumes it.
         expected = (0, landmark_offset - 1)
         assert prioritized[-1].blob_end <= landmark_offset  # everything before the landmark
-        # (The other blob request is the mount's read of the TOC, at the end of the blob.)
-        prefetch = [r for r in blob_requests(nginx, blob_uri)
-                    if ranges_of(r)[0][0] < landmark_offset]
-        assert [ranges_of(r) for r in prefetch] == [[expected]]
-        assert prefetch[0].status == 206
+        [request] = blob_requests(nginx, blob_uri)
+        toc_range, prefetch_range = ranges_of(request)
+        assert prefetch_range == expected
+        blob_size = (Path(nginx.root) / blob_uri.lstrip("/")).stat().st_size
+        assert landmark_offset < toc_range[0] <= toc_range[1] < blob_size  # the TOC: at the end
+        assert request.status == 206
         assert layer["chunks_prefetched"] == len(prioritized) == 4
         nginx.clear_log()
         for path in PRIORITIZED:
@@ -200,10 +201,12 @@ def test_reads_during_the_prefetch_wait_for_it(published, nginx, tmp_path):
     blob_uri, entries, prioritized = published
     prefetch_start = 0  # the prefetch asks for everything before the landmark (see above)
     landmark_offset = entries[".prefetch.landmark"].chunks[0].blob_offset
+    prefetch_range = f"{prefetch_start}-{landmark_offset - 1}"
     with FaultProxy(nginx.url) as proxy:
-        # The prefetch answer takes a second: the reads below arrive while it is on its way.
-        proxy.inject("delay", seconds=1.0, match=lambda method, path, headers: headers.get(
-            "Range", "").startswith(f"bytes={prefetch_start}-"))
+        # The prefetch's part of the answer (after the TOC's) takes a second: the reads below
+        # arrive while it is on its way.
+        proxy.inject("pause", seconds=1.0, match=lambda method, path, headers: headers.get(
+            "Range", "").endswith(f",{prefetch_range}"))
         mount_dir = tmp_path / "mnt"
         with mounted(f"{proxy.url}/layout:{TAG}", mount_dir, "--no-background-fetch",
                      cache_dir=tmp_path / "cache"):
@@ -213,9 +216,9 @@ def test_reads_during_the_prefetch_wait_for_it(published, nginx, tmp_path):
             waited_s = time.monotonic() - started
             assert proxy.faults_applied == 1
     chunk_reads = [r for r in blob_requests(nginx, blob_uri)
-                   if ranges_of(r)[0][0] < prioritized[-1].blob_end]
-    assert [ranges_of(r) for r in chunk_reads] == [[(prefetch_start, landmark_offset - 1)]]
-    assert waited_s < 5
+                   if any(start < prioritized[-1].blob_end for start, _ in ranges_of(r))]
+    assert [ranges_of(r)[1:] for r in chunk_reads] == [[(prefetch_start, landmark_offset - 1)]]
+    assert 0.5 < waited_s < 5  # the reads waited for the paused part (1 s from its start)
 
 
 def test_a_multi_chunk_read_is_one_request(published, nginx, tmp_path):

@@ -70,6 +70,17 @@ def test_read_sends_exactly_one_request_with_the_range(nginx, blob_url):
         ("GET", "/blob", 206, "bytes=1000-5095", 4096)
 
 
+def test_ranges_in_any_order_are_one_request_answered_in_that_order(nginx, blob_url):
+    with HttpSource(blob_url) as source:
+        nginx.clear_log()
+        pieces = list(source.read_ranges([(9000, 100), (0, 50), (5000, 10)]))
+        assert [b"".join(p for i, p in pieces if i == n) for n in range(3)] == \
+            [BLOB[9000:9100], BLOB[:50], BLOB[5000:5010]]
+        with pytest.raises(ValueError, match="overlap at range 0"):
+            list(source.read_ranges([(100, 50), (0, 101)]))
+    assert [r.range for r in nginx.requests()] == ["bytes=9000-9099,0-49,5000-5009"]
+
+
 def test_size_is_one_head_then_cached(nginx, blob_url):
     with HttpSource(blob_url) as source:
         assert source.size() == len(BLOB)

@@ -21,6 +21,7 @@ from lazyfs.source.http import HttpSource
 from lazyfs.source import speculative
 from lazyfs.source.speculative import MAX_SPECULATIVE_BYTES, SpeculativeSource
 from tests.imagebuild import write_layout
+from tests.servers import PyHttpServer
 from tests.tarbuild import dir_, file_
 
 BLOB = random.Random(5).randbytes(3 << 20)
@@ -45,11 +46,11 @@ def test_the_window_is_downloaded_once_and_streamed_to_its_request(nginx, blob_u
         pieces = list(source.read_ranges([(198, 1000), (5000, WINDOW - 5000)]))
         assert b"".join(p for i, p in pieces if i == 0) == BLOB[198:1198]
         assert b"".join(p for i, p in pieces if i == 1) == BLOB[5000:WINDOW]
-        assert sorted(blob_ranges(nginx)) == sorted([f"bytes=0-{WINDOW - 1}",
-                                                     f"bytes={len(BLOB) - 100}-{len(BLOB) - 1}"])
+        # One request for both, the TOC's range first.
+        assert blob_ranges(nginx) == [f"bytes={len(BLOB) - 100}-{len(BLOB) - 1},0-{WINDOW - 1}"]
         # The window served its one request: the same range again is a new request.
         assert source.read(198, 1000) == BLOB[198:1198]
-        assert len(blob_ranges(nginx)) == 3
+        assert len(blob_ranges(nginx)) == 2
     finally:
         source.close()
 
@@ -82,15 +83,57 @@ def wait_until(predicate, timeout_s=5.0):
         time.sleep(0.01)
 
 
-def test_the_toc_read_goes_first_and_starts_the_download(nginx, blob_url, monkeypatch):
+def test_the_toc_read_goes_first_and_carries_the_download(nginx, blob_url, monkeypatch):
     inner, source = watched(blob_url, monkeypatch, 30.0)
     try:
         time.sleep(0.2)
         assert inner.asked == []  # no window download before the TOC's read
         tail = len(BLOB) - 1000
         assert source.read(tail, 1000) == BLOB[tail:]
+        assert inner.asked == [tail]  # one request, the TOC's range first
+        assert source.read(0, WINDOW) == BLOB[:WINDOW]
+        assert inner.asked == [tail]
+    finally:
+        source.close()
+
+
+def test_a_server_without_multi_range_gets_the_toc_then_the_window(tmp_path, monkeypatch):
+    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
+    (tmp_path / "blob").write_bytes(BLOB)
+    with PyHttpServer(tmp_path) as server:  # answers several ranges with the whole blob
+        source = SpeculativeSource(HttpSource(f"{server.url}/blob"), WINDOW)
+        try:
+            tail = len(BLOB) - 1000
+            assert source.read(tail, 1000) == BLOB[tail:]
+            assert source.read(0, WINDOW) == BLOB[:WINDOW]
+            ranges = [r.headers.get("Range") for r in server.received]
+            assert ranges == [f"bytes={tail}-{len(BLOB) - 1},0-{WINDOW - 1}",
+                              f"bytes={tail}-{len(BLOB) - 1}", f"bytes=0-{WINDOW - 1}"]
+        finally:
+            source.close()
+
+
+def test_a_failed_toc_read_reaches_its_reader_and_the_window_is_fetched_again(nginx, blob_url,
+                                                                              monkeypatch):
+    inner, source = watched(blob_url, monkeypatch, 30.0)
+    try:
+        with pytest.raises(FetchError, match="past the end"):
+            source.read(len(BLOB) + 10, 100)  # the request fails (416) before the window
+        with pytest.raises(FetchError) as caught:
+            source.read(0, WINDOW)  # the prefetch's first try: the download failed too
+        assert caught.value.retriable
+        assert source.read(0, WINDOW) == BLOB[:WINDOW]  # its retry goes to the server
+    finally:
+        source.close()
+
+
+def test_a_read_reaching_into_the_window_does_not_carry_it(nginx, blob_url, monkeypatch):
+    # As a small blob's tail read would: it goes alone, and the window's download starts.
+    inner, source = watched(blob_url, monkeypatch, 30.0)
+    try:
+        assert source.read(WINDOW - 10, 20) == BLOB[WINDOW - 10:WINDOW + 10]
         wait_until(lambda: len(inner.asked) == 2)
-        assert inner.asked == [tail, 0]
+        assert sorted(inner.asked) == [0, WINDOW - 10]
         assert source.read(0, WINDOW) == BLOB[:WINDOW]
     finally:
         source.close()

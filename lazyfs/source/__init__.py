@@ -46,7 +46,7 @@ class BlobSource(Protocol):
 
 def iter_ranges(source, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
     """`(index, piece)` for each `(blob_offset, length)` range, in order; the pieces of one index
-    concatenate to its bytes. Ranges ascend without overlapping.
+    concatenate to its bytes. Ranges do not overlap; they may come in any order.
 
     Uses the source's own `read_ranges` when it has one (HTTP: one multi-range request,
     streamed), else one `read` per range (a local file: a pread costs no round trip).

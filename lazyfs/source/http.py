@@ -120,22 +120,22 @@ class HttpSource:
         return b"".join(self._range_pieces(blob_offset, length))
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
-        """Yield `(index, piece)` for the `(blob_offset, length)` ranges, in order; the pieces
-        of one index concatenate to exactly its bytes. Ranges must ascend without overlapping.
+        """Yield `(index, piece)` for the `(blob_offset, length)` ranges, in the order given;
+        the pieces of one index concatenate to exactly its bytes. Ranges must not overlap;
+        they may come in any order (a speculative download asks for the TOC at the blob's end
+        before the prefetch region at its start), which a multi-range request keeps: a server
+        that reorders the parts is answered as one that cannot do several ranges at once.
 
         A generator: the caller consumes bytes as they arrive (a big prefetch range is inflated
         member by member while the rest is still on the wire). An error may come after some
         pieces were delivered; they were right, and a retry needs only the rest.
         """
         todo = []
-        previous_end = 0
         for index, (blob_offset, length) in enumerate(ranges):
             check_range(blob_offset, length)
-            if blob_offset < previous_end:
-                raise ValueError(f"ranges overlap or are not in order at range {index}")
-            previous_end = blob_offset + length
             if length:
                 todo.append((index, blob_offset, length))
+        _check_no_overlap(todo)
         if len(todo) > 1 and self.multi_range is not False:
             delivered = dict.fromkeys((index for index, _, _ in todo), 0)
             try:
@@ -413,6 +413,15 @@ def fetch_all(url: str, *, headers: dict[str, str] | None = None, ca_cert: str |
         return client.fetch_document(url, max_bytes)
     finally:
         client.close()
+
+
+def _check_no_overlap(todo: list[tuple[int, int, int]]) -> None:
+    """Overlapping ranges are the caller's bug: a server may merge them into one part."""
+    previous_end = 0
+    for index, blob_offset, length in sorted(todo, key=lambda item: item[1]):
+        if blob_offset < previous_end:
+            raise ValueError(f"ranges overlap at range {index}")
+        previous_end = blob_offset + length
 
 
 class HttpClient:

@@ -16,10 +16,13 @@ that is not inside the speculated window goes to the underlying source.
 The TOC goes first, though: the mount can serve nothing before it has parsed the TOC, while
 the prefetch region is needed only as the program reads it. Started together, the two
 transfers would share the link, and the TOC would arrive about twice as late. So the download
-waits until the first read outside the window (the TOC's, through this same source) has its
-first bytes in, then opens its own connection: its round trips overlap the rest of the TOC's
-transfer, and its bytes follow the TOC's on the link without a gap. With no such read within
-START_WAIT_S, it starts anyway.
+waits for the first read outside the window (the TOC's, through this same source) and carries
+it: one request asks for that read's ranges first and the window after them (HTTP: one
+multi-range request on the connection the documents kept alive). The TOC's bytes come first
+and are handed to its reader as they arrive, the window's follow without a gap on the link,
+and no new connection or round trip is spent on the window. A server that cannot answer
+several ranges at once gets them one after the other (lazyfs/source/http.py), the TOC's still
+first. With no read outside the window within START_WAIT_S, the download starts alone.
 
 The window serves one consumer, once (the prefetch): it is dropped as soon as a request inside
 it has been served, or when the prefetch ends without one (`discard`), so its memory is held
@@ -29,6 +32,7 @@ only during the mount's first seconds.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -44,9 +48,45 @@ MAX_SPECULATIVE_BYTES = 64 << 20
 START_WAIT_S = 1.0
 
 
+class _Rider:
+    """The first read outside the window, carried by the window's request: its pieces, handed
+    over from the download thread to its reader as they arrive."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]]):
+        self.ranges = list(ranges)
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        # Its reader is done once these are in, without waiting for what follows them.
+        self._missing_bytes = sum(length for _, length in self.ranges)
+        self._ended = False
+
+    def put(self, index: int, piece: bytes) -> None:
+        self._pieces.put((index, piece))
+        self._missing_bytes -= len(piece)
+        if self._missing_bytes <= 0:
+            self.end()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """No more pieces: all were delivered (None), or the request failed."""
+        if not self._ended:
+            self._ended = True
+            self._pieces.put(error or _RIDE_OVER)
+
+    def pieces(self) -> Iterator[tuple[int, bytes]]:
+        while True:
+            item = self._pieces.get()
+            if item is _RIDE_OVER:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+
+_RIDE_OVER = object()
+
+
 class SpeculativeSource:
-    """Wraps a BlobSource; downloads [0, end_offset) in a thread, from the first bytes of the
-    first read outside that window on (see the module doc)."""
+    """Wraps a BlobSource; downloads [0, end_offset) in a thread, in one request with the first
+    read outside that window (see the module doc)."""
 
     def __init__(self, inner, end_offset: int):
         self.inner = inner
@@ -56,8 +96,10 @@ class SpeculativeSource:
         self._done = False
         self._used = False  # the window has its one consumer, or was given up
         self._released = False  # and its memory is freed: the download stops keeping bytes
+        self._rider: _Rider | None = None
+        self._started = False  # the download has taken its rider (if any): no more boarding
         self._changed = threading.Condition()
-        self._go = threading.Event()  # set when the TOC read has bytes in: start downloading
+        self._go = threading.Event()  # set when the download should start
         self._thread = threading.Thread(target=self._download, name="lazyfs-speculative",
                                         daemon=True)
         self._thread.start()
@@ -87,12 +129,11 @@ class SpeculativeSource:
             self._go.set()  # the window's consumer is here: no reason to wait any longer
             yield from self._serve(ranges)
             return
-        try:
-            for index, piece in iter_ranges(self.inner, ranges):
-                self._go.set()  # the TOC's first bytes are in: the window's download may go
-                yield index, piece
-        finally:
-            self._go.set()
+        rider = self._board(ranges)
+        if rider is None:
+            yield from iter_ranges(self.inner, ranges)
+        else:
+            yield from rider.pieces()
 
     def close(self) -> None:
         self._give_up()
@@ -115,6 +156,18 @@ class SpeculativeSource:
             if inside:
                 self._used = True
             return inside
+
+    def _board(self, ranges: Sequence[tuple[int, int]]) -> _Rider | None:
+        """A rider for these ranges on the window's request, if that has not started and the
+        ranges lie past the window (the TOC does: it ends the blob); else None (read alone)."""
+        with self._changed:
+            if (self._started or self._released or self._rider is not None
+                    or not all(offset >= self.end_offset for offset, _ in ranges)):
+                self._go.set()  # whatever the window waited for, it will not come through here
+                return None
+            self._rider = _Rider(ranges)
+        self._go.set()
+        return self._rider
 
     def _serve(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """The pieces of each range, as the download brings them in."""
@@ -144,21 +197,39 @@ class SpeculativeSource:
 
     def _download(self) -> None:
         self._go.wait(START_WAIT_S)
+        with self._changed:
+            self._started = True
+            rider, released = self._rider, self._released
         try:
-            with self._changed:
-                if self._released:  # given up before it started: ask for nothing
-                    return
-            for _, piece in iter_ranges(self.inner, [(0, self.end_offset)]):
+            if released:  # given up before it started: ask for nothing but the rider's
+                if rider is not None:
+                    for piece in iter_ranges(self.inner, rider.ranges):
+                        rider.put(*piece)
+                return
+            ranges = (rider.ranges if rider is not None else []) + [(0, self.end_offset)]
+            window_index = len(ranges) - 1
+            for index, piece in iter_ranges(self.inner, ranges):
+                if index < window_index:
+                    rider.put(index, piece)
+                    continue
+                if rider is not None:
+                    rider.end()  # the window's first bytes: the rider's are all in
+                    rider = None
                 with self._changed:
                     if self._released:
                         return
                     self._buffer += piece
                     self._changed.notify_all()
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which retries
+        except Exception as exc:  # noqa: BLE001 - handed to the consumers, which retry
             log.debug("speculative download of %s failed: %s", self.describe(), exc)
+            if rider is not None:
+                rider.end(exc)
+                rider = None
             with self._changed:
                 self._error = exc
         finally:
+            if rider is not None:
+                rider.end()
             with self._changed:
                 self._done = True
                 self._changed.notify_all()
