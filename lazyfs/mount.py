@@ -216,16 +216,17 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
 
     if image is None:
         image = resolve_image(ref, options)
-    # Fetching the TOCs is round trips of waiting: meanwhile a thread imports what serving
-    # needs (trio, pyfuse3, the fetcher: ~0.1 s of a cold start). Not earlier: while the image
-    # resolves, that thread would compete with it for the interpreter.
-    importer = threading.Thread(target=_import_serving_modules, name="lazyfs-imports",
-                                daemon=True)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
-        if options.fetch.prefetch:
-            _start_speculative_prefetch(image.layers, cache)
-        importer.start()  # after the speculative downloads' threads, which send requests
+        speculating = _start_speculative_prefetch(image.layers, cache) if options.fetch.prefetch \
+            else []
+        # Fetching the TOCs is round trips of waiting: meanwhile a thread imports what serving
+        # needs (trio, pyfuse3, the fetcher: ~0.2 s of a cold start). Not earlier: while the
+        # image resolves, it would compete with that for the interpreter, and it first waits
+        # for the TOC requests to be answering, so as not to delay sending them.
+        importer = threading.Thread(target=_import_serving_modules, args=(speculating,),
+                                    name="lazyfs-imports", daemon=True)
+        importer.start()
         # Again after a transient failure: a layer already opened comes from the TOC cache.
         layers = _retried(lambda: open_layers(image.layers, cache), options)
         tree = build_tree([layer.entries for layer in layers])
@@ -252,17 +253,21 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         raise
 
 
-def _start_speculative_prefetch(specs, cache) -> None:
-    """Start downloading each remote layer's prioritized files now, side by side with the TOC
-    fetch (lazyfs/source/speculative.py). Only on a cold mount: a cached TOC means the layer
-    was mounted before, and its prefetched chunks are likely in the cache already."""
+def _start_speculative_prefetch(specs, cache) -> list:
+    """Have each remote layer's TOC read carry the download of its prioritized files
+    (lazyfs/source/speculative.py); the SpeculativeSources. Only on a cold mount: a cached
+    TOC means the layer was mounted before, and its prefetched chunks are likely in the cache
+    already."""
     from lazyfs.source.file import FileSource
     from lazyfs.source.speculative import SpeculativeSource
 
+    started = []
     for spec in specs:
         if (spec.prefetch_end and not isinstance(spec.source, FileSource)
                 and not (spec.toc_digest and cache.has_toc(spec.toc_digest))):
             spec.source = SpeculativeSource(spec.source, spec.prefetch_end)
+            started.append(spec.source)
+    return started
 
 
 def resolve_image(ref: str, options: MountOptions):
@@ -291,9 +296,17 @@ _SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.f
                     "lazyfs.layer", "lazyfs.prefetch", "lazyfs.tree")
 
 
-def _import_serving_modules() -> None:
-    import importlib
+# How long the imports wait for the TOC requests to be answering, at most.
+IMPORTS_WAIT_S = 0.5
 
+
+def _import_serving_modules(speculating: list) -> None:
+    import importlib
+    import time
+
+    deadline = time.monotonic() + IMPORTS_WAIT_S
+    for source in speculating:
+        source.answering.wait(max(0.0, deadline - time.monotonic()))
     try:
         for name in _SERVING_MODULES:
             importlib.import_module(name)

@@ -32,7 +32,6 @@ only during the mount's first seconds.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -50,38 +49,34 @@ START_WAIT_S = 1.0
 
 class _Rider:
     """The first read outside the window, carried by the window's request: its pieces, handed
-    over from the download thread to its reader as they arrive."""
+    over from the download thread to its reader once they are all in (the reader wants them
+    all, and waking it for each piece would cost it the interpreter lock each time)."""
 
     def __init__(self, ranges: Sequence[tuple[int, int]]):
         self.ranges = list(ranges)
-        self._pieces: queue.SimpleQueue = queue.SimpleQueue()
+        self._pieces: list[tuple[int, bytes]] = []
         # Its reader is done once these are in, without waiting for what follows them.
         self._missing_bytes = sum(length for _, length in self.ranges)
-        self._ended = False
+        self._error: BaseException | None = None
+        self._ended = threading.Event()
 
     def put(self, index: int, piece: bytes) -> None:
-        self._pieces.put((index, piece))
+        self._pieces.append((index, piece))
         self._missing_bytes -= len(piece)
         if self._missing_bytes <= 0:
             self.end()
 
     def end(self, error: BaseException | None = None) -> None:
         """No more pieces: all were delivered (None), or the request failed."""
-        if not self._ended:
-            self._ended = True
-            self._pieces.put(error or _RIDE_OVER)
+        if not self._ended.is_set():
+            self._error = error
+            self._ended.set()
 
     def pieces(self) -> Iterator[tuple[int, bytes]]:
-        while True:
-            item = self._pieces.get()
-            if item is _RIDE_OVER:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-
-_RIDE_OVER = object()
+        self._ended.wait()
+        if self._error is not None:
+            raise self._error
+        yield from self._pieces
 
 
 class SpeculativeSource:
@@ -100,6 +95,9 @@ class SpeculativeSource:
         self._started = False  # the download has taken its rider (if any): no more boarding
         self._changed = threading.Condition()
         self._go = threading.Event()  # set when the download should start
+        # Set once its answer is coming in (or it will not come): what the mount waits for
+        # before it spends the interpreter on imports (lazyfs.mount).
+        self.answering = threading.Event()
         self._thread = threading.Thread(target=self._download, name="lazyfs-speculative",
                                         daemon=True)
         self._thread.start()
@@ -209,6 +207,7 @@ class SpeculativeSource:
             ranges = (rider.ranges if rider is not None else []) + [(0, self.end_offset)]
             window_index = len(ranges) - 1
             for index, piece in iter_ranges(self.inner, ranges):
+                self.answering.set()
                 if index < window_index:
                     rider.put(index, piece)
                     continue
@@ -228,6 +227,7 @@ class SpeculativeSource:
             with self._changed:
                 self._error = exc
         finally:
+            self.answering.set()
             if rider is not None:
                 rider.end()
             with self._changed:
