@@ -264,13 +264,17 @@ def split_layout_url(url: str) -> tuple[str | None, str | None, str | None]:
 
 
 class HttpLayoutStore:
-    """An OCI layout on any static web server: plain GETs of index.json and blobs/sha256/..."""
+    """An OCI layout on any static web server: plain GETs of index.json and blobs/sha256/...
+
+    The documents come over one kept-alive connection: a LightConnection when it can (see
+    lazyfs/source/light.py), which the first blob opened then takes over; else requests."""
 
     def __init__(self, base_url: str, sources: SourceOptions):
         self.name = base_url
         self.base_url = base_url
         self.sources = sources
-        self._client = None  # one kept-alive connection for the documents
+        self._light = None  # the documents' LightConnection, until a blob takes it over
+        self._client = None  # the documents' requests client, when the light one cannot do
 
     def url(self, digest: str) -> str:
         return f"{self.base_url}/{oci.blob_relpath(oci.check_digest(digest, 'blob'))}"
@@ -283,24 +287,43 @@ class HttpLayoutStore:
         return self._get(self.url(desc.digest), max_bytes)
 
     def open_blob(self, desc: Descriptor):
+        light, self._light = self._light, None
         client, self._client = self._client, None
-        if client is None:
+        if light is None and client is None:
             return self.sources.open(self.url(desc.digest))
         # The first blob opened takes over the documents' connection, already open: its first
         # read (a layer's TOC) saves a connection's round trip.
         from lazyfs.source.http import HttpSource
 
+        sources = self.sources
+        if light is not None:
+            return HttpSource(self.url(desc.digest), headers=sources.headers,
+                              ca_cert=sources.ca_cert, timeout=sources.timeout, bootstrap=light)
         return HttpSource(self.url(desc.digest), client=client)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        for connection in (self._light, self._client):
+            if connection is not None:
+                connection.close()
+        self._light = self._client = None
 
     def _get(self, url: str, max_bytes: int) -> bytes:
-        if self._client is None:
-            from lazyfs.source.http import HttpClient
+        from lazyfs.source import light
+        from lazyfs.source.http import HttpClient, fetch_document, redact_url
 
+        if self._client is None and light.usable(url):
+            if self._light is None:
+                self._light = light.LightConnection(url, headers=self.sources.headers,
+                                                    ca_cert=self.sources.ca_cert,
+                                                    timeout=self.sources.timeout)
+            if self._light.serves(url) and self._light.try_acquire():
+                resp = self._light.send("GET", url, redact_url(url))
+                if not light.is_redirect(resp.status_code):
+                    return fetch_document(resp, redact_url(url), max_bytes)
+                resp.close()  # requests follows redirects: it fetches the documents from now on
+                self._light.close()
+                self._light = None
+        if self._client is None:
             self._client = HttpClient(self.sources.headers, self.sources.ca_cert,
                                       self.sources.timeout)
         return self._client.fetch_document(url, max_bytes)

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 from lazyfs.errors import LazyfsError, NotFound
@@ -224,15 +225,15 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         # needs (trio, pyfuse3, the fetcher: ~0.2 s of a cold start). Not earlier: while the
         # image resolves, it would compete with that for the interpreter, and it first waits
         # for the TOC requests to be answering, so as not to delay sending them.
-        importer = threading.Thread(target=_import_serving_modules, args=(speculating,),
-                                    name="lazyfs-imports", daemon=True)
-        importer.start()
+        serving_imported = threading.Event()
+        threading.Thread(target=_import_serving_modules, args=(speculating, serving_imported),
+                         name="lazyfs-imports", daemon=True).start()
         # Again after a transient failure: a layer already opened comes from the TOC cache.
         layers = _retried(lambda: open_layers(image.layers, cache), options)
         tree = build_tree([layer.entries for layer in layers])
         for warning in tree.warnings:
             log.warning("%s", warning)
-        importer.join()
+        serving_imported.wait()
         from lazyfs.fetch import ChunkFetcher
         from lazyfs.fs import LazyFS
         from lazyfs.prefetch import prefetch_and_background
@@ -294,24 +295,35 @@ def _retried(attempt, options: MountOptions):
 # What a mount daemon imports before it serves (open_session, _serve).
 _SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.fs",
                     "lazyfs.layer", "lazyfs.prefetch", "lazyfs.tree")
+# Then, without holding up the mount, what HTTP reads after the first ones need (their first
+# requests went over a lighter client: lazyfs/source/light.py).
+_HTTP_MODULES = ("requests", "requests.adapters")
 
 
 # How long the imports wait for the TOC requests to be answering, at most.
 IMPORTS_WAIT_S = 0.5
 
 
-def _import_serving_modules(speculating: list) -> None:
-    import importlib
-    import time
-
+def _import_serving_modules(speculating: list, serving_imported: threading.Event) -> None:
     deadline = time.monotonic() + IMPORTS_WAIT_S
     for source in speculating:
         source.answering.wait(max(0.0, deadline - time.monotonic()))
     try:
-        for name in _SERVING_MODULES:
+        _import_all(_SERVING_MODULES)
+    finally:
+        serving_imported.set()
+    if "lazyfs.source.http" in sys.modules:
+        _import_all(_HTTP_MODULES)
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    import importlib
+
+    try:
+        for name in names:
             importlib.import_module(name)
     except Exception:  # noqa: BLE001 - the real import, later, reports it
-        log.debug("preloading the serving modules failed", exc_info=True)
+        log.debug("preloading %s failed", names, exc_info=True)
 
 
 def close_image(image) -> None:

@@ -28,21 +28,23 @@ to the original URL once, which redirects to a fresh location.
 
 from __future__ import annotations
 
-import http.client
 import logging
-import os
 import re
+import sys
 import threading
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
-
-import requests
-import requests.auth
-import urllib3
-from requests.adapters import HTTPAdapter
 
 from lazyfs.errors import FetchError, NotFound, RangeNotSupported
 from lazyfs.source import CONTENT_RANGE, check_content_range, check_range
+from lazyfs.source.light import check_ca_cert
+
+if TYPE_CHECKING:  # requests is imported when first used (see lazyfs/source/light.py)
+    import requests
+    import requests.auth
+
+    from lazyfs.source.light import LightConnection
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +83,27 @@ class HttpSource:
     def __init__(self, url: str, *, headers: dict[str, str] | None = None,
                  ca_cert: str | None = None, timeout: float | tuple[float, float] = 30,
                  max_connections: int = POOL_CONNECTIONS,
-                 auth: requests.auth.AuthBase | None = None, client: "HttpClient | None" = None):
+                 auth: requests.auth.AuthBase | None = None, client: "HttpClient | None" = None,
+                 bootstrap: "LightConnection | None" = None):
         # auth: how a registry's blob URLs authenticate (lazyfs.registry); None for plain URLs.
         # client: an HttpClient to take over (with its kept-alive connections) instead of a
         # new one; it carries the headers, CA, timeout and auth then. Closed with the source.
+        # bootstrap: a kept-alive LightConnection to the blob's server (the documents' one)
+        # to take over: requests go over it whenever it is free, so that the first ones need
+        # neither a new connection nor requests, which is made and imported when first needed.
         self.url = url
         self.requests = 0
         # None: not tried yet; True: the server answered a multi-range request properly;
         # False: it did not, so every range is its own request from now on.
         self.multi_range: bool | None = None
         self._where = redact_url(url)
-        self._client = client or HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
+        check_ca_cert(ca_cert)
+        self._client = client
+        self._client_args = (headers, ca_cert, timeout, max_connections, auth)
+        self._client_lock = threading.Lock()
+        self._bootstrap = bootstrap if bootstrap is not None and bootstrap.serves(url) else None
+        if bootstrap is not None and self._bootstrap is None:
+            bootstrap.close()
         self._count_lock = threading.Lock()
         # Held while probing the size, so that threads asking at once cost one HEAD, not many.
         self._size_lock = threading.Lock()
@@ -104,7 +116,9 @@ class HttpSource:
 
     def set_pool_size(self, max_connections: int) -> None:
         """Keep up to `max_connections` connections alive (the fetcher's per-source bound)."""
-        self._client.set_pool_size(max_connections)
+        self._client_args = (*self._client_args[:3], max_connections, self._client_args[4])
+        if self._client is not None:
+            self._client.set_pool_size(max_connections)
 
     def size(self) -> int:
         with self._size_lock:
@@ -154,7 +168,10 @@ class HttpSource:
                 yield index, piece
 
     def close(self) -> None:
-        self._client.close()
+        if self._bootstrap is not None:
+            self._bootstrap.close()
+        if self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> "HttpSource":
         return self
@@ -179,7 +196,26 @@ class HttpSource:
                       headers: dict[str, str] | None) -> requests.Response:
         with self._count_lock:
             self.requests += 1
-        return self._client.send(method, url, self._where, headers)
+        bootstrap = self._bootstrap
+        if bootstrap is not None and bootstrap.serves(url) and bootstrap.try_acquire():
+            from lazyfs.source.light import is_redirect
+
+            resp = bootstrap.send(method, url, self._where, headers)
+            if not is_redirect(resp.status_code):
+                return resp
+            # Redirects are requests' business (it follows them and drops credentials that
+            # must not travel): the light connection steps aside for good.
+            resp.close()
+            self._bootstrap = None
+            bootstrap.close()
+        return self._requests_client().send(method, url, self._where, headers)
+
+    def _requests_client(self) -> "HttpClient":
+        with self._client_lock:
+            if self._client is None:
+                headers, ca_cert, timeout, max_connections, auth = self._client_args
+                self._client = HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
+            return self._client
 
     def _range_pieces(self, blob_offset: int, length: int) -> Iterator[bytes]:
         """The bytes of one range, in pieces as they arrive, with every check of a strict
@@ -340,8 +376,7 @@ class _BodyReader:
         read = getattr(raw, "read1", None) or raw.read
         try:
             part = read(limit_bytes, decode_content=False)
-        except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException,
-                OSError) as exc:
+        except _body_read_errors() as exc:
             # Read timeouts and connections cut mid-body (urllib3 raises IncompleteRead when
             # fewer bytes than Content-Length arrive) are worth retrying.
             raise FetchError(f"{self._where}: connection lost after {self._got} bytes of the "
@@ -435,12 +470,13 @@ class HttpClient:
     def __init__(self, headers: dict[str, str] | None, ca_cert: str | None,
                  timeout: float | tuple[float, float], max_connections: int = POOL_CONNECTIONS,
                  auth: requests.auth.AuthBase | None = None):
-        if ca_cert is not None and not os.path.isfile(ca_cert):
-            raise NotFound(f"no such CA certificate file: {ca_cert}")
+        check_ca_cert(ca_cert)
         self.timeout = tuple(timeout) if isinstance(timeout, (tuple, list)) else timeout
         # Passed with every request, not set on the session: requests lets REQUESTS_CA_BUNDLE
         # override a session-level verify, which would silently drop the user's --ca-cert.
         self.verify: bool | str = ca_cert if ca_cert is not None else True
+        import requests  # here, not at the top: see lazyfs/source/light.py
+
         self.session = requests.Session()
         self.set_pool_size(max_connections)
         # identity: byte ranges and digests are about the stored bytes, and a compressed reply
@@ -457,6 +493,8 @@ class HttpClient:
         self._pool_size = max_connections
         # max_retries=0: the fetcher owns retries, and must see every failure to count it.
         # pool_connections is the number of hosts pooled (the blob's, and a redirect target's).
+        from requests.adapters import HTTPAdapter
+
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=max(1, max_connections),
                               max_retries=0)
         self.session.mount("http://", adapter)
@@ -467,18 +505,7 @@ class HttpClient:
         alive for the next one (an image's index, manifest and config come one after another:
         a new connection would cost each of them a round trip more)."""
         where = redact_url(url)
-        with self.send("GET", url, where) as resp:
-            if resp.status_code != 200:
-                raise _status_error(resp, where, "GET")
-            _check_identity(resp, where)
-            declared = resp.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > max_bytes:
-                raise FetchError(f"{where}: document is {declared} bytes, more than the "
-                                 f"{max_bytes} bytes allowed")
-            body = read_body(resp, max_bytes + 1, where)
-        if len(body) > max_bytes:
-            raise FetchError(f"{where}: document is more than the {max_bytes} bytes allowed")
-        return body
+        return fetch_document(self.send("GET", url, where), where, max_bytes)
 
     def _timeout_text(self) -> str:
         if isinstance(self.timeout, tuple):
@@ -487,6 +514,8 @@ class HttpClient:
 
     def send(self, method: str, url: str, where: str,
              headers: dict[str, str] | None = None, data=None) -> requests.Response:
+        import requests
+
         try:
             return self.session.request(method, url, headers=headers, data=data, stream=True,
                                         timeout=self.timeout, verify=self.verify,
@@ -509,6 +538,24 @@ class HttpClient:
         self.session.close()
 
 
+def fetch_document(resp: requests.Response, where: str,
+                   max_bytes: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The whole body of the answer to a document's GET (closed here), at most `max_bytes`;
+    read to its end, so that its connection is kept alive for the next one."""
+    with resp:
+        if resp.status_code != 200:
+            raise _status_error(resp, where, "GET")
+        _check_identity(resp, where)
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise FetchError(f"{where}: document is {declared} bytes, more than the "
+                             f"{max_bytes} bytes allowed")
+        body = read_body(resp, max_bytes + 1, where)
+    if len(body) > max_bytes:
+        raise FetchError(f"{where}: document is more than the {max_bytes} bytes allowed")
+    return body
+
+
 def read_body(resp: requests.Response, limit_bytes: int, where: str) -> bytes:
     """At most `limit_bytes` of the raw (undecoded) body. Reading to the end of the body lets
     urllib3 put the connection back in the pool for the next request (keep-alive)."""
@@ -521,12 +568,24 @@ def read_body(resp: requests.Response, limit_bytes: int, where: str) -> bytes:
                 break
             parts.append(part)
             got += len(part)
-    except (urllib3.exceptions.HTTPError, requests.exceptions.RequestException, OSError) as exc:
+    except _body_read_errors() as exc:
         # Read timeouts and connections cut mid-body (urllib3 raises IncompleteRead when fewer
         # bytes than Content-Length arrive) are worth retrying.
         raise FetchError(f"{where}: connection lost after {got} bytes of the body: "
                          f"{_reason(exc)}", retriable=True) from exc
     return b"".join(parts)
+
+
+def _body_read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a body may raise when the connection fails: OSError, and requests' and
+    urllib3's errors once they are loaded (a LightResponse raises OSErrors only)."""
+    errors: tuple[type[BaseException], ...] = (OSError,)
+    if "requests" in sys.modules:
+        import requests
+        import urllib3
+
+        errors += (urllib3.exceptions.HTTPError, requests.exceptions.RequestException)
+    return errors
 
 
 def _is_identity(resp: requests.Response) -> bool:
@@ -560,6 +619,12 @@ def _total_from_416(resp: requests.Response) -> str:
     return f" ({match[1]} bytes)" if match else ""
 
 
+def _incomplete_read() -> type[BaseException]:
+    import http.client  # loaded by now: by requests or by lazyfs.source.light
+
+    return http.client.IncompleteRead
+
+
 def _reason(exc: BaseException) -> str:
     """The innermost readable cause ("Connection refused"), found by walking the exception
     chain. requests' own messages quote the URL, which may carry a signed query string, so
@@ -571,14 +636,15 @@ def _reason(exc: BaseException) -> str:
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, urllib3.exceptions.ReadTimeoutError) or (
+        urllib3 = sys.modules.get("urllib3")
+        if (urllib3 is not None and isinstance(current, urllib3.exceptions.ReadTimeoutError)) or (
                 isinstance(current, TimeoutError) and current.strerror is None):
             # A stalled answer: the server sent part of it, then nothing for the read timeout.
             # (A socket timeout has no strerror and urllib3's message quotes the URL, so say it
             # here. Not urllib3's TimeoutError: NewConnectionError, a refused connection, is
             # one; nor ETIMEDOUT, whose strerror says what it is.)
             return "timed out waiting for more bytes"
-        if isinstance(current, http.client.IncompleteRead):
+        if isinstance(current, _incomplete_read()):
             # A cut connection: its message (urllib3's ProtocolError) names no cause we can show.
             return "the server closed the connection before the end of the body"
         if isinstance(current, OSError) and isinstance(current.strerror, str):

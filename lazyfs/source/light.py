@@ -1,0 +1,207 @@
+"""One kept-alive HTTP connection on the standard library, for a cold start's first requests.
+
+A cold `lazyfs run` of an image on a web server spends its first tenth of a second or more
+importing `requests` (with urllib3, charset_normalizer, cookiejar...) before it can ask for
+index.json; `http.client` is a fraction of that. So the documents of an image (index,
+manifest, config) and the first range request for a layer (its TOC, with the prefetch
+window: lazyfs/source/speculative.py) go over this one connection, and `requests` is loaded
+in the background, by the mount daemon, for what comes later (lazyfs/mount.py).
+
+It does the plain case only, and says when it cannot: no proxies (with a proxy variable in
+the environment `usable()` is False, and requests, which honours them, does everything), no
+redirects (a 3xx answer is handed back, and the caller asks requests, which follows it), one
+origin, one request at a time. Everything that judges an answer (status, Content-Range,
+lengths, multipart framing) is the caller's code in lazyfs/source/http.py, the same for both
+clients: `LightResponse` offers the part of `requests.Response` that code reads.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import ssl
+import threading
+from urllib.parse import urlsplit
+
+from lazyfs.errors import FetchError, NotFound
+
+# Environment variables that put a proxy between us and the server (any case, as requests and
+# curl read them): with one set, this client steps aside.
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+
+def usable(url: str) -> bool:
+    """Whether this client may fetch `url`: http(s), and no proxy configured."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        return False
+    return not any(os.environ.get(name) or os.environ.get(name.upper())
+                   for name in _PROXY_VARIABLES)
+
+
+def is_redirect(status: int) -> bool:
+    return status in _REDIRECT_STATUSES
+
+
+def check_ca_cert(ca_cert: str | None) -> None:
+    """A --ca-cert that is not there is the user's mistake: said at once, by both clients."""
+    if ca_cert is not None and not os.path.isfile(ca_cert):
+        raise NotFound(f"no such CA certificate file: {ca_cert}")
+
+
+class LightConnection:
+    """One HTTP/1.1 connection to the origin (scheme, host, port) of `url`, reopened when the
+    server closes it. One request at a time: `try_acquire` before `send`, and the answer
+    releases it when closed."""
+
+    def __init__(self, url: str, *, headers: dict[str, str] | None, ca_cert: str | None,
+                 timeout: float | tuple[float, float]):
+        check_ca_cert(ca_cert)
+        parts = urlsplit(url)
+        self.origin = (parts.scheme, parts.hostname, parts.port)
+        self.timeout = timeout
+        connect_s, self._read_s = (timeout if isinstance(timeout, (tuple, list))
+                                   else (timeout, timeout))
+        # identity: as lazyfs.source.http.HttpClient asks, for the same reasons.
+        self._headers = {"Accept-Encoding": "identity", "User-Agent": "lazyfs",
+                         **(headers or {})}
+        if parts.scheme == "https":
+            context = ssl.create_default_context(cafile=ca_cert or _default_ca_bundle())
+            self._conn = http.client.HTTPSConnection(parts.hostname, parts.port,
+                                                     timeout=connect_s, context=context)
+        else:
+            self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_s)
+        self._busy = threading.Lock()
+        self._answered = False  # the connection has carried an answer: it may have gone stale
+
+    def serves(self, url: str) -> bool:
+        parts = urlsplit(url)
+        return (parts.scheme, parts.hostname, parts.port) == self.origin
+
+    def try_acquire(self) -> bool:
+        return self._busy.acquire(blocking=False)
+
+    def send(self, method: str, url: str, where: str,
+             headers: dict[str, str] | None = None) -> "LightResponse":
+        """The answer's status and headers (the body is read from it); FetchError like
+        HttpClient.send's when there is none. Call with the connection acquired: the answer
+        releases it when closed, or this when it raises."""
+        try:
+            response = self._send(method, url, where, headers)
+        except BaseException:
+            self._busy.release()
+            raise
+        return LightResponse(response, self, url)
+
+    def _send(self, method: str, url: str, where: str,
+              headers: dict[str, str] | None) -> http.client.HTTPResponse:
+        parts = urlsplit(url)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        all_headers = {**self._headers, **(headers or {})}
+        try:
+            try:
+                response = self._exchange(method, target, all_headers)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not self._answered:
+                    raise
+                # A kept-alive connection the server had closed: once more on a new one.
+                self._conn.close()
+                response = self._exchange(method, target, all_headers)
+        except ssl.SSLError as exc:
+            self._conn.close()
+            raise FetchError(f"{where}: TLS error: {exc.reason or exc}") from exc
+        except TimeoutError as exc:
+            self._conn.close()
+            raise FetchError(f"{where}: {method} timed out after {self._timeout_text()}",
+                             retriable=True) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            self._conn.close()
+            raise FetchError(f"{where}: {method} failed: {_reason(exc)}",
+                             retriable=True) from exc
+        self._answered = True
+        return response
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _exchange(self, method: str, target: str,
+                  headers: dict[str, str]) -> http.client.HTTPResponse:
+        self._conn.request(method, target, headers=headers)
+        if self._conn.sock is not None:  # from now on, waits are for the server's bytes
+            self._conn.sock.settimeout(self._read_s)
+        return self._conn.getresponse()
+
+    def _timeout_text(self) -> str:
+        if isinstance(self.timeout, (tuple, list)):
+            return f"{self.timeout[0]} s to connect or {self.timeout[1]} s to read"
+        return f"{self.timeout} s"
+
+
+class LightResponse:
+    """An answer on a LightConnection, read the way lazyfs.source.http reads requests'
+    (status_code, reason, headers, raw.read1/read, history, url, close)."""
+
+    def __init__(self, response: http.client.HTTPResponse, connection: LightConnection,
+                 url: str):
+        self._response = response
+        self._connection = connection
+        self.status_code = response.status
+        self.reason = response.reason
+        self.headers = response.headers  # case-insensitive, as requests' are
+        self.history: list = []  # no redirects are followed here
+        self.url = url
+        self.raw = self  # the body is read as requests' raw stream is
+        self._closed = False
+
+    def read1(self, limit_bytes: int, decode_content: bool = False) -> bytes:
+        return self._read(self._response.read1, limit_bytes)
+
+    def read(self, limit_bytes: int, decode_content: bool = False) -> bytes:
+        return self._read(self._response.read, limit_bytes)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._response.isclosed():
+            # Body left unread: the connection is mid-answer, and cannot carry another.
+            self._response.close()
+            self._connection.close()
+        self._connection._busy.release()
+
+    def __enter__(self) -> "LightResponse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _read(self, read, limit_bytes: int) -> bytes:
+        try:
+            return read(limit_bytes)
+        except http.client.HTTPException as exc:
+            # IncompleteRead: the server closed the connection before the end of the body.
+            # As an OSError, it is a lost connection to the callers, as urllib3's errors are.
+            raise ConnectionError("the connection ended in the body") from exc
+
+
+def _default_ca_bundle() -> str | None:
+    """The CA bundle requests would use, so that both clients trust the same servers: the one
+    named by REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, else certifi's, else the system's."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and isinstance(exc.strerror, str):
+        return exc.strerror
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    return str(exc) or type(exc).__name__
