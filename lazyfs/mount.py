@@ -225,8 +225,8 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         # needs (trio, pyfuse3, the fetcher: ~0.2 s of a cold start). Not earlier: while the
         # image resolves, it would compete with that for the interpreter, and it first waits
         # for the TOC requests to be answering, so as not to delay sending them.
-        serving_imported = threading.Event()
-        threading.Thread(target=_import_serving_modules, args=(speculating, serving_imported),
+        serving_imported, prefetched = threading.Event(), threading.Event()
+        threading.Thread(target=_import_modules, args=(speculating, serving_imported, prefetched),
                          name="lazyfs-imports", daemon=True).start()
         # Again after a transient failure: a layer already opened comes from the TOC cache.
         layers = _retried(lambda: open_layers(image.layers, cache), options)
@@ -248,7 +248,8 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
                     awake_window_s=options.busy_poll_s)
         return Session(fs,
                        lambda: close_image(image),
-                       functools.partial(prefetch_and_background, fetcher))
+                       functools.partial(prefetch_and_background, fetcher,
+                                         prefetched=prefetched.set))
     except BaseException:
         close_image(image)
         raise
@@ -295,8 +296,9 @@ def _retried(attempt, options: MountOptions):
 # What a mount daemon imports before it serves (open_session, _serve).
 _SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.fs",
                     "lazyfs.layer", "lazyfs.prefetch", "lazyfs.tree")
-# Then, without holding up the mount, what HTTP reads after the first ones need (their first
-# requests went over a lighter client: lazyfs/source/light.py).
+# Then, once the prefetch is over, what HTTP reads after the first ones need (their first
+# requests went over a lighter client: lazyfs/source/light.py). Not before: the program that
+# is starting needs the interpreter for the prefetch, which decodes what it reads.
 _HTTP_MODULES = ("requests", "requests.adapters")
 
 
@@ -304,7 +306,8 @@ _HTTP_MODULES = ("requests", "requests.adapters")
 IMPORTS_WAIT_S = 0.5
 
 
-def _import_serving_modules(speculating: list, serving_imported: threading.Event) -> None:
+def _import_modules(speculating: list, serving_imported: threading.Event,
+                    prefetched: threading.Event) -> None:
     deadline = time.monotonic() + IMPORTS_WAIT_S
     for source in speculating:
         source.answering.wait(max(0.0, deadline - time.monotonic()))
@@ -313,6 +316,7 @@ def _import_serving_modules(speculating: list, serving_imported: threading.Event
     finally:
         serving_imported.set()
     if "lazyfs.source.http" in sys.modules:
+        prefetched.wait()
         _import_all(_HTTP_MODULES)
 
 

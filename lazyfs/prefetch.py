@@ -54,11 +54,12 @@ _MIN_REQUEST_BYTES = 64 << 10
 
 
 async def prefetch_and_background(fetcher, *, task_status=trio.TASK_STATUS_IGNORED,
-                                  stay: bool = True) -> None:
+                                  stay: bool = True, prefetched=None) -> None:
     """The mount's fetching work: start with `await nursery.start(prefetch_and_background,
-    fetcher)`, which returns once the prefetch has claimed its chunks. Then it prefetches,
-    fetches in the background, and (`stay`) keeps the fetcher's job nursery open until it is
-    cancelled at unmount (see ChunkFetcher.running)."""
+    fetcher)`, which returns once the prefetch has claimed its chunks. Then it prefetches
+    (and calls `prefetched()`, if given, once that is over), fetches in the background, and
+    (`stay`) keeps the fetcher's job nursery open until it is cancelled at unmount (see
+    ChunkFetcher.running)."""
     options = fetcher.options
     async with fetcher.running():
         claims = []
@@ -69,6 +70,8 @@ async def prefetch_and_background(fetcher, *, task_status=trio.TASK_STATUS_IGNOR
         async with trio.open_nursery() as nursery:
             for layer, claimed in claims:
                 nursery.start_soon(_prefetch_layer, fetcher, layer, claimed)
+        if prefetched is not None:
+            prefetched()
         if options.background_fetch:
             await fetcher.demand.wait_quiet(options.background_quiet_s,
                                             options.background_max_wait_s)
