@@ -239,7 +239,9 @@ class _EstargzFraming:
     def finish(self, entries: list[TOCEntry], data_end: int) -> tuple[bytes, bytes, str, dict]:
         """(tail to append, what it inflates to, TOC digest, format-specific annotations)"""
         toc_blob = build_toc_blob(TOC(entries=entries), data_end, self.codec)
-        return toc_blob.tail, toc_blob.uncompressed, toc_blob.toc_digest, {}
+        # The TOC member starts where the data ends: readers fetch exactly the tail then.
+        return (toc_blob.tail, toc_blob.uncompressed, toc_blob.toc_digest,
+                {oci.ANNOTATION_TOC_OFFSET: str(data_end)})
 
 
 class _ZstdChunkedFraming:

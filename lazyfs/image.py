@@ -26,9 +26,17 @@ __all__ = ["MountImage", "SourceOptions", "resolve_mount_image"]
 class MountImage:
     layers: list[LayerSpec]
     description: dict  # what `lazyfs stats` shows about the image
-    close: Callable[[], None] = field(default=lambda: None)
+    close_store: Callable[[], None] = field(default=lambda: None)
     # The OCI image config (Env, Cmd, User, ... under "config"); None for a lone blob.
     config: dict | None = None
+
+    def close(self) -> None:
+        """Close the layers' sources (with the connections they keep) and the image's store."""
+        try:
+            for spec in self.layers:
+                spec.source.close()
+        finally:
+            self.close_store()
 
 
 def resolve_mount_image(ref: str, *, toc_digest: str | None = None, insecure: bool = False,
@@ -99,8 +107,11 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
             prefetch_end = _decimal(annotations.get(oci.ANNOTATION_PREFETCH_END))
             specs.append(LayerSpec(source=image.blobs.open_source(desc), toc_digest=toc_digest,
                                    label=desc.digest, blob_size=desc.size, toc_position=position,
+                                   toc_offset=_decimal(annotations.get(oci.ANNOTATION_TOC_OFFSET)),
                                    prefetch_end=prefetch_end))
     except BaseException:
+        for spec in specs:
+            spec.source.close()
         close()
         raise
     verified = all(spec.toc_digest for spec in specs)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.format.codec import GzipCodec
-from lazyfs.format.seekable import (TOCRegion, locate_toc, parse_toc_region,
+from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE
+from lazyfs.format.seekable import (MAX_FOOTER_SIZE, TOCRegion, locate_toc, parse_toc_region,
                                     region_from_position_annotation)
 from lazyfs.format.toc import ResolvedEntry, resolve
 from lazyfs.layerspec import LayerSpec  # noqa: F401 - what open_layer takes
@@ -89,13 +90,24 @@ def _read_tail_and_toc(spec: LayerSpec, blob_size: int) -> tuple[TOCRegion, byte
     the part of a big TOC the first missed."""
     if blob_size < MIN_BLOB_SIZE:
         raise FormatError(f"{spec.label}: {blob_size} bytes is too small for a seekable layer")
-    tail_offset = max(0, blob_size - TAIL_READ_BYTES)
+    tail_offset = _tail_offset(spec.toc_offset, blob_size)
     tail = spec.source.read(tail_offset, blob_size - tail_offset)
     region = locate_toc(tail, blob_size)
     if region.toc_start >= tail_offset:
         return region, tail[region.toc_start - tail_offset:region.toc_end - tail_offset]
     head = spec.source.read(region.toc_start, tail_offset - region.toc_start)
     return region, head + tail[:region.toc_end - tail_offset]
+
+
+def _tail_offset(toc_offset_hint: int | None, blob_size: int) -> int:
+    """Where the first read of the blob's end starts: at the TOC's start, when the image says
+    where that is (ANNOTATION_TOC_OFFSET) and the footer and the TOC fit the size limit a TOC
+    has anyway; else TAIL_READ_BYTES before the end. Only the footer, read either way, says
+    where the TOC really is."""
+    if (toc_offset_hint is not None and 0 <= toc_offset_hint < blob_size
+            and blob_size - toc_offset_hint <= MAX_TOC_COMPRESSED_SIZE + MAX_FOOTER_SIZE):
+        return toc_offset_hint
+    return max(0, blob_size - TAIL_READ_BYTES)
 
 
 # TOC cache record layout: one line of JSON metadata, a newline, then the compressed TOC member

@@ -16,4 +16,5 @@ class LayerSpec:
     label: str  # for messages and stats: the blob digest or the blob's location
     blob_size: int | None = None  # from the manifest descriptor: saves a request
     toc_position: str | None = None  # zstd:chunked manifest-position annotation, if any
+    toc_offset: int | None = None  # eStargz: where the TOC member starts (a hint, not trusted)
     prefetch_end: int | None = None  # where the prioritized files end (a hint, not trusted)

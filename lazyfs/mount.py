@@ -247,11 +247,11 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         fs = LazyFS(tree, layers, fetcher, description=description, recorder=recorder,
                     awake_window_s=options.busy_poll_s)
         return Session(fs,
-                       lambda: close_image(image),
+                       image.close,
                        functools.partial(prefetch_and_background, fetcher,
                                          prefetched=prefetched.set))
     except BaseException:
-        close_image(image)
+        image.close()
         raise
 
 
@@ -328,12 +328,6 @@ def _import_all(names: tuple[str, ...]) -> None:
             importlib.import_module(name)
     except Exception:  # noqa: BLE001 - the real import, later, reports it
         log.debug("preloading %s failed", names, exc_info=True)
-
-
-def close_image(image) -> None:
-    for spec in image.layers:
-        spec.source.close()
-    image.close()
 
 
 def umount(mountpoint: str) -> int:

@@ -139,7 +139,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
     from it that the program ran, and reads the mount's stats).
     """
-    from lazyfs.mount import close_image, resolve_image
+    from lazyfs.mount import resolve_image
 
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
@@ -159,7 +159,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     try:
         command_for(config, command)  # no command at all: say so before mounting anything
     except BaseException:
-        close_image(resolved)
+        resolved.close()
         raise
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False

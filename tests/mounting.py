@@ -146,12 +146,10 @@ def assert_mount_read_only_tocs(reads, layers: dict, *, whole_tail: bool = True)
     """Mounting read each layer's TOC and nothing else of its blob.
 
     `reads`: (layer key, Range header) of each blob GET the mount made; `layers`: layer key →
-    (blob size, TOCRegion). eStargz: the tail (one read, or two when the TOC is larger than
-    the first tail read, never overlapping), and with `whole_tail` exactly it; zstd:chunked:
-    exactly the TOC range the manifest annotation locates.
+    (blob size, TOCRegion). eStargz: the TOC and the footer after it, which the converter's
+    TOC-offset annotation locates, and with `whole_tail` exactly that in one read;
+    zstd:chunked: exactly the TOC range the manifest annotation locates.
     """
-    from lazyfs.layer import TAIL_READ_BYTES
-
     assert {key for key, _ in reads} == set(layers)
     for key, (blob_size, region) in layers.items():
         spans = sorted(tuple(map(int, header.removeprefix("bytes=").split("-")))
@@ -159,7 +157,6 @@ def assert_mount_read_only_tocs(reads, layers: dict, *, whole_tail: bool = True)
         if region.format == "zstd:chunked":
             assert spans == [(region.toc_start, region.toc_end - 1)]
             continue
-        first_needed = max(0, min(region.toc_start, blob_size - TAIL_READ_BYTES))
-        assert spans[0][0] >= first_needed and spans[-1][1] == blob_size - 1, spans
+        assert spans[0][0] >= region.toc_start and spans[-1][1] == blob_size - 1, spans
         if whole_tail:
-            assert sum(last - first + 1 for first, last in spans) == blob_size - first_needed
+            assert spans == [(region.toc_start, blob_size - 1)], spans

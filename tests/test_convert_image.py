@@ -24,7 +24,7 @@ from converter.image import ImageResult, convert_image
 from converter.inputs import InputKind, detect_kind, open_image_input
 from converter.layer import LayerOptions
 from lazyfs.errors import FormatError, LazyfsError, NotFound, VerificationError
-from lazyfs.format import oci
+from lazyfs.format import estargz, oci
 from lazyfs.oci_layout import open_image
 from tests.tarbuild import dir_, file_, symlink, tar_bytes
 from tests.test_oci_layout import (CONFIG_EXTRAS, LAYER1, LAYER2, Layout, gzip_of, image_config,
@@ -220,9 +220,12 @@ def check_converted(dst: Path, result: ImageResult, *, archive: bool) -> None:
         for desc, layer, input_tar in zip(image.layers, result.layers, (LAYER1, LAYER2)):
             assert (desc.media_type, desc.digest, desc.size) == (
                 oci.OCI_LAYER_GZIP, layer.blob_digest, layer.blob_size)
+            blob = Path(image.blob_path(desc)).read_bytes()
+            toc_offset = estargz.parse_footer(blob[-estargz.FOOTER_SIZE:]).toc_blob_offset
             assert desc.annotations == {oci.ANNOTATION_TOC_DIGEST: layer.toc_digest,
-                                        oci.ANNOTATION_UNCOMPRESSED_SIZE: str(layer.uncompressed_size)}
-            tar = gzip.decompress(Path(image.blob_path(desc)).read_bytes())
+                                        oci.ANNOTATION_UNCOMPRESSED_SIZE: str(layer.uncompressed_size),
+                                        oci.ANNOTATION_TOC_OFFSET: str(toc_offset)}
+            tar = gzip.decompress(blob)
             assert (sha256(tar), len(tar)) == (layer.diff_id, layer.uncompressed_size)
             assert tar_names(tar) == tar_names(input_tar) | {".no.prefetch.landmark", "stargz.index.json"}
 

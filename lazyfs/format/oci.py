@@ -56,6 +56,12 @@ ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 # while it fetches the TOC; the bytes are verified against the TOC like any others, so a wrong
 # value costs a bounded useless download, never a wrong byte. Absent: nothing is prioritized.
 ANNOTATION_PREFETCH_END = "dev.lazyfs.prefetch.end-offset"
+# lazyfs' own hint for eStargz layers: the blob offset where the TOC's gzip member starts, as a
+# decimal string. A mount then reads exactly [offset, end of blob) for the footer and the TOC,
+# in one request whatever the TOC's size, instead of a fixed-size tail (zstd:chunked has its
+# manifest-position annotation for this). The footer still decides where the TOC is; a wrong
+# value costs at most a second read or a bounded bigger one, never a wrong byte.
+ANNOTATION_TOC_OFFSET = "dev.lazyfs.toc.offset"
 # zstd:chunked's TOC checksum and position ("OFFSET:LENGTH:UNCOMPRESSED:TYPE", see
 # format/zstdchunked.py), as its writer names them; containers/storage writes the same two
 # under the io.github names: read either.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import select
 import ssl
 import threading
 from urllib.parse import urlsplit
@@ -72,7 +73,6 @@ class LightConnection:
         else:
             self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_s)
         self._busy = threading.Lock()
-        self._answered = False  # the connection has carried an answer: it may have gone stale
 
     def serves(self, url: str) -> bool:
         parts = urlsplit(url)
@@ -100,15 +100,12 @@ class LightConnection:
         if parts.query:
             target += "?" + parts.query
         all_headers = {**self._headers, **(headers or {})}
+        if _dropped(self._conn.sock):
+            # The server closed the kept-alive connection while it was idle (as urllib3 does,
+            # checked before sending, so that a failure is never a stale connection's).
+            self._conn.close()
         try:
-            try:
-                response = self._exchange(method, target, all_headers)
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-                if not self._answered:
-                    raise
-                # A kept-alive connection the server had closed: once more on a new one.
-                self._conn.close()
-                response = self._exchange(method, target, all_headers)
+            response = self._exchange(method, target, all_headers)
         except ssl.SSLError as exc:
             self._conn.close()
             raise FetchError(f"{where}: TLS error: {exc.reason or exc}") from exc
@@ -120,7 +117,6 @@ class LightConnection:
             self._conn.close()
             raise FetchError(f"{where}: {method} failed: {_reason(exc)}",
                              retriable=True) from exc
-        self._answered = True
         return response
 
     def close(self) -> None:
@@ -184,6 +180,18 @@ class LightResponse:
             # IncompleteRead: the server closed the connection before the end of the body.
             # As an OSError, it is a lost connection to the callers, as urllib3's errors are.
             raise ConnectionError("the connection ended in the body") from exc
+
+
+def _dropped(sock) -> bool:
+    """Whether an idle connection's socket has something to read: the server's close (or
+    bytes nobody asked for), so it cannot carry a request."""
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _default_ca_bundle() -> str | None:
