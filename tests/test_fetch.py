@@ -13,7 +13,10 @@ from converter.layer import LayerOptions, convert_layer
 from lazyfs.cache import ChunkCache
 from lazyfs.errors import FormatError, VerificationError
 from lazyfs.fetch import ChunkFetcher
-from lazyfs.layer import LayerSpec, open_layer
+from lazyfs.format import estargz, oci
+from lazyfs.format.estargz import MAX_TOC_COMPRESSED_SIZE
+from lazyfs.format.seekable import MAX_FOOTER_SIZE
+from lazyfs.layer import TAIL_READ_BYTES, LayerSpec, _tail_offset, open_layer
 from lazyfs.priority import Priority
 from tests.tarbuild import file_, tar_of
 
@@ -188,3 +191,41 @@ def test_a_merged_range_with_gaps_streamed_in_small_pieces_is_cut_right(tmp_path
     for i, data in zip(range(0, 6, 2), datas):
         assert data == content[f"f{i}"]
     assert all(s.errors == 0 for s in fetcher.stats)
+
+
+@pytest.mark.parametrize("hint", ["exact", "late", "early", "past-end", "absent"])
+def test_the_toc_offset_hint_only_decides_how_much_of_the_tail_is_read(tmp_path, hint):
+    """The converter's dev.lazyfs.toc.offset annotation makes a mount read exactly the TOC
+    and the footer; a lying one costs a second read or a bigger first one, never a wrong
+    TOC (the footer decides where it is) nor more than a TOC's size limit."""
+    content = {f"f{i}": os.urandom(CHUNK * 2 + i) for i in range(3)}
+    src = tar_of(tmp_path, *(file_(name, data) for name, data in content.items()))
+    out = tmp_path / "layer.blob"
+    result = convert_layer(str(src), str(out), LayerOptions(chunk_size=CHUNK, format="estargz"))
+    toc_start = int(result.annotations[oci.ANNOTATION_TOC_OFFSET])
+    blob = out.read_bytes()
+    # The footer says the same.
+    assert estargz.parse_footer(blob[-estargz.FOOTER_SIZE:]).toc_blob_offset == toc_start
+    value = {"exact": toc_start, "late": toc_start + 100, "early": 1000,
+             "past-end": len(blob) + 5,
+             "absent": None}[hint]
+    source = RecordingSource(blob)
+    layer = open_layer(0, LayerSpec(source, result.toc_digest, "test", toc_offset=value), None)
+    assert layer.toc_blob_offset == toc_start and {item.path for item in layer.entries} >= \
+        set(content)
+    default_start = max(0, len(blob) - TAIL_READ_BYTES)
+    expected = {"exact": [(toc_start, len(blob) - toc_start)],
+                "late": [(toc_start + 100, len(blob) - toc_start - 100),
+                         (toc_start, 100)],  # the footer points before the first read
+                "early": [(1000, len(blob) - 1000)],
+                "past-end": [(default_start, len(blob) - default_start)],
+                "absent": [(default_start, len(blob) - default_start)]}[hint]
+    assert source.reads == expected
+
+
+def test_a_toc_offset_hint_asking_for_more_than_a_toc_can_be_is_ignored():
+    blob_size = 1 << 40
+    limit = MAX_TOC_COMPRESSED_SIZE + MAX_FOOTER_SIZE
+    assert _tail_offset(blob_size - limit, blob_size) == blob_size - limit
+    assert _tail_offset(blob_size - limit - 1, blob_size) == blob_size - TAIL_READ_BYTES
+    assert _tail_offset(0, blob_size) == blob_size - TAIL_READ_BYTES

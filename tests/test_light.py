@@ -1,0 +1,148 @@
+"""The light HTTP client of a cold start (lazyfs/source/light.py): an image's documents and a
+layer's first requests without `requests`, over one kept-alive connection, and requests for
+whatever it does not do (redirects, proxies)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lazyfs.image import resolve_mount_image
+from lazyfs.imageref import open_reference
+from lazyfs.source import light
+from lazyfs.source.http import HttpSource
+from tests.servers import PyHttpServer
+from tests.testimage import TAG
+
+
+@pytest.fixture
+def layout(image, nginx):
+    """A converted layout served by nginx: (its URL with tag, the local layout)."""
+    _, converted, _ = image
+    shutil.copytree(converted, Path(nginx.root) / "layout")
+    return f"{nginx.url}/layout:{TAG}", converted
+
+
+RESOLVE = """
+import json, sys
+from lazyfs.image import resolve_mount_image
+image = resolve_mount_image(sys.argv[1])
+spec = image.layers[0]
+source = spec.source
+toc = source.read(spec.blob_size - 100, 100)
+print(json.dumps({"requests": "requests" in sys.modules, "bootstrap": source._bootstrap is not None,
+                  "read": len(toc)}))
+image.close()
+"""
+
+
+def test_a_cold_resolve_and_first_read_need_no_requests_and_one_connection(layout, nginx):
+    url, _ = layout
+    nginx.clear_log()
+    done = subprocess.run([sys.executable, "-c", RESOLVE, url], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    # requests was never imported (its import is what the light client saves), and the blob's
+    # source took over the documents' connection.
+    assert json.loads(done.stdout) == {"requests": False, "bootstrap": True, "read": 100}
+    records = nginx.requests()
+    assert [r.uri.rsplit("/", 1)[-1] for r in records][0] == "index.json"
+    assert len(records) == 4  # index, manifest, config, the blob's range
+    assert len({r.connection for r in records}) == 1  # one kept-alive connection
+
+
+def test_a_proxy_in_the_environment_leaves_everything_to_requests(layout, monkeypatch):
+    url, converted = layout
+    # requests honours the variables (and no_proxy, so that it reaches the test server).
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert not light.usable(url)
+    image = resolve_mount_image(url)
+    try:
+        source = image.layers[0].source
+        assert isinstance(source, HttpSource) and source._bootstrap is None
+        assert len(source.read(0, 10)) == 10
+    finally:
+        image.close()
+
+
+class RedirectingServer(PyHttpServer):
+    """Serves /moved/... ; anything under /old/ answers 302 to the same path under /moved/."""
+
+    def _handle(self, handler, head: bool) -> None:
+        if handler.path.startswith("/old/"):
+            self.received.append(None)
+            self.send(handler, 302, {"Location": "/moved/" + handler.path[len("/old/"):]},
+                      b"", head)
+            return
+        super()._handle(handler, head)
+
+
+def test_redirects_go_to_requests_and_the_light_connection_steps_aside(image, tmp_path):
+    _, converted, _ = image
+    shutil.copytree(converted, tmp_path / "www" / "moved" / "layout")
+    with RedirectingServer(tmp_path / "www") as server:
+        with open_reference(f"{server.url}/moved/layout:{TAG}") as direct:
+            manifest = direct.manifest_descriptor
+        image = resolve_mount_image(f"{server.url}/old/layout:{TAG}")
+        try:
+            assert image.description["manifest"] == manifest.digest
+            source = image.layers[0].source
+            size = source.size()
+            assert len(source.read(size - 1000, 1000)) == 1000
+            assert source._bootstrap is None  # handed back for good after the redirect
+        finally:
+            image.close()
+
+
+class ClosingServer(PyHttpServer):
+    """Keeps no connection alive, without saying so (no Connection: close): as a server whose
+    idle timeout is shorter than the client's pause between requests."""
+
+    def send(self, handler, status, headers, body, head=False, content_length=None):
+        super().send(handler, status, headers, body, head, content_length)
+        handler.close_connection = True
+
+
+def test_a_connection_the_server_dropped_while_idle_is_reopened(tmp_path):
+    (tmp_path / "doc.json").write_bytes(b'{"a": 1}')
+    with ClosingServer(tmp_path) as server:
+        url = f"{server.url}/doc.json"
+        connection = light.LightConnection(url, headers=None, ca_cert=None, timeout=(5, 5))
+        try:
+            for _ in range(3):
+                time.sleep(0.2)  # idle: the server's close arrives meanwhile
+                assert connection.try_acquire()
+                with connection.send("GET", url, "doc") as resp:
+                    assert resp.status_code == 200 and resp.read(100) == b'{"a": 1}'
+                    assert resp.read(100) == b""
+        finally:
+            connection.close()
+        assert len(server.received) == 3
+
+
+def test_one_request_at_a_time_and_an_unread_body_closes_the_connection(tmp_path):
+    (tmp_path / "blob").write_bytes(b"x" * 100_000)
+    with PyHttpServer(tmp_path) as server:
+        url = f"{server.url}/blob"
+        connection = light.LightConnection(url, headers={"X-Test": "1"}, ca_cert=None,
+                                           timeout=5)
+        try:
+            assert connection.try_acquire()
+            assert not connection.try_acquire()  # busy until the answer is closed
+            resp = connection.send("GET", url, "blob", {"Range": "bytes=0-99999"})
+            assert resp.status_code == 206 and len(resp.read1(10)) > 0
+            resp.close()  # most of the body unread: that connection cannot be reused
+            assert connection.try_acquire()
+            with connection.send("GET", url, "blob", {"Range": "bytes=5-9"}) as resp:
+                assert resp.read(10) == b"xxxxx"
+        finally:
+            connection.close()
+    assert [r.headers.get("X-Test") for r in server.received] == ["1", "1"]
+    assert server.received[0].headers["Accept-Encoding"] == "identity"
