@@ -15,7 +15,7 @@ import pytest
 
 from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import open_reference
-from lazyfs.source import light
+from lazyfs.source import light, preconnect
 from lazyfs.source.http import HttpSource
 from tests.servers import PyHttpServer
 from tests.testimage import TAG
@@ -146,3 +146,26 @@ def test_one_request_at_a_time_and_an_unread_body_closes_the_connection(tmp_path
             connection.close()
     assert [r.headers.get("X-Test") for r in server.received] == ["1", "1"]
     assert server.received[0].headers["Accept-Encoding"] == "identity"
+
+
+def test_a_connection_started_in_advance_carries_the_first_request(nginx, monkeypatch):
+    (Path(nginx.root) / "doc.json").write_bytes(b"{}")
+    url = f"{nginx.url}/doc.json"
+    preconnect.start(url)
+    connection = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
+    try:
+        assert connection._conn.sock is not None  # connected before any request
+        assert connection.try_acquire()
+        with connection.send("GET", url, "doc") as resp:
+            assert resp.status_code == 200 and resp.read(10) == b"{}"
+    finally:
+        connection.close()
+    assert preconnect.take(url, 0) is None  # taken once
+    # Nothing is connected for a proxied URL, and what nobody takes is closed.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    preconnect.start(url.replace("http://", "https://"))
+    assert preconnect._pending == {}
+    monkeypatch.delenv("https_proxy")
+    preconnect.start(url)
+    preconnect.discard()
+    assert preconnect._pending == {}

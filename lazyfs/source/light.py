@@ -25,19 +25,14 @@ import threading
 from urllib.parse import urlsplit
 
 from lazyfs.errors import FetchError, NotFound
+from lazyfs.source import preconnect
 
-# Environment variables that put a proxy between us and the server (any case, as requests and
-# curl read them): with one set, this client steps aside.
-_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 def usable(url: str) -> bool:
     """Whether this client may fetch `url`: http(s), and no proxy configured."""
-    if urlsplit(url).scheme not in ("http", "https"):
-        return False
-    return not any(os.environ.get(name) or os.environ.get(name.upper())
-                   for name in _PROXY_VARIABLES)
+    return preconnect.direct_http(url)
 
 
 def is_redirect(status: int) -> bool:
@@ -66,6 +61,7 @@ class LightConnection:
         # identity: as lazyfs.source.http.HttpClient asks, for the same reasons.
         self._headers = {"Accept-Encoding": "identity", "User-Agent": "lazyfs",
                          **(headers or {})}
+        context = None
         if parts.scheme == "https":
             context = ssl.create_default_context(cafile=ca_cert or _default_ca_bundle())
             self._conn = http.client.HTTPSConnection(parts.hostname, parts.port,
@@ -73,6 +69,22 @@ class LightConnection:
         else:
             self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_s)
         self._busy = threading.Lock()
+        self._adopt(preconnect.take(url, connect_s), context, parts.hostname)
+
+    def _adopt(self, sock, context, hostname: str) -> None:
+        """Use a connection whose TCP handshake was made in advance (lazyfs.source.preconnect);
+        with https, its TLS handshake is made here. Any trouble: it is dropped, and the first
+        request connects as usual (and reports what fails)."""
+        if sock is None:
+            return
+        try:
+            sock.settimeout(self._conn.timeout)
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=hostname)
+        except (OSError, ValueError):
+            sock.close()
+            return
+        self._conn.sock = sock
 
     def serves(self, url: str) -> bool:
         parts = urlsplit(url)

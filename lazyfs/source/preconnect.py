@@ -1,0 +1,108 @@
+"""The TCP handshake with an image's web server, started before the code that talks to it is
+loaded.
+
+`lazyfs run URL` spends its first ~0.1 s starting the interpreter and importing; the
+connection the documents will need (lazyfs/source/light.py) costs a round trip of waiting
+that can overlap those imports: `start(url)` opens it in a thread at once, and the light
+client `take`s it when it makes its connection. Only what this module imports (socket,
+threading) is loaded before the handshake starts. A connection never taken is closed by
+`discard()`; a failed one is simply not there, and the light client connects as usual (and
+reports any error itself).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from urllib.parse import urlsplit
+
+# Environment variables that put a proxy between us and the server (any case, as requests and
+# curl read them): with one set, the light client steps aside, and nothing is preconnected.
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+_lock = threading.Lock()
+_pending: dict[tuple[str, int], "_Handshake"] = {}
+
+
+def direct_http(url: str) -> bool:
+    """Whether `url` is http(s) and no proxy is configured: the light client's case."""
+    if urlsplit(url).scheme not in _DEFAULT_PORTS:
+        return False
+    return not any(os.environ.get(name) or os.environ.get(name.upper())
+                   for name in _PROXY_VARIABLES)
+
+
+class _Handshake:
+    def __init__(self, address: tuple[str, int], timeout_s: float):
+        self._sock: socket.socket | None = None
+        self._claimed = False  # result() was called: an answer after it is closed unused
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._connect, args=(address, timeout_s),
+                                        name="lazyfs-preconnect", daemon=True)
+        self._thread.start()
+
+    def _connect(self, address: tuple[str, int], timeout_s: float) -> None:
+        try:
+            sock = socket.create_connection(address, timeout=timeout_s)
+        except OSError:
+            return  # the light client will connect, and say what fails
+        with self._lock:
+            if self._claimed:
+                sock.close()
+            else:
+                self._sock = sock
+
+    def result(self, timeout_s: float) -> socket.socket | None:
+        """The socket, if the handshake is done within timeout_s; never again after."""
+        self._thread.join(timeout_s)
+        with self._lock:
+            self._claimed = True
+            sock, self._sock = self._sock, None
+        return sock
+
+
+def start(url: str, timeout_s: float = 10.0) -> None:
+    """Begin connecting to the server of `url` (http or https, no proxy), in the background."""
+    if not direct_http(url):
+        return
+    address = _address(url)
+    if address is None:
+        return
+    with _lock:
+        if address not in _pending:
+            _pending[address] = _Handshake(address, timeout_s)
+
+
+def take(url: str, timeout_s: float) -> socket.socket | None:
+    """The connected socket to the server of `url`, if one was started (waiting at most
+    `timeout_s` for its handshake); the caller owns it. None otherwise."""
+    address = _address(url)
+    with _lock:
+        handshake = _pending.pop(address, None) if address is not None else None
+    if handshake is None:
+        return None
+    return handshake.result(timeout_s)
+
+
+def discard() -> None:
+    """Close the connections nobody took (after a failed resolve, or a non-layout URL)."""
+    with _lock:
+        handshakes = list(_pending.values())
+        _pending.clear()
+    for handshake in handshakes:
+        sock = handshake.result(0)
+        if sock is not None:
+            sock.close()
+
+
+def _address(url: str) -> tuple[str, int] | None:
+    parts = urlsplit(url)
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:  # a malformed port: the real client says so
+        return None
+    if not parts.hostname or port is None:
+        return None
+    return parts.hostname, port
