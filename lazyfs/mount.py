@@ -224,7 +224,7 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         # Fetching the TOCs is round trips of waiting: meanwhile a thread imports what serving
         # needs (trio, pyfuse3, the fetcher: ~0.2 s of a cold start). Not earlier: while the
         # image resolves, it would compete with that for the interpreter, and it first waits
-        # for the TOC requests to be answering, so as not to delay sending them.
+        # for the TOC requests to be on their way, so as not to delay sending them.
         serving_imported, prefetched = threading.Event(), threading.Event()
         threading.Thread(target=_import_modules, args=(speculating, serving_imported, prefetched),
                          name="lazyfs-imports", daemon=True).start()
@@ -302,7 +302,7 @@ _SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.f
 _HTTP_MODULES = ("requests", "requests.adapters")
 
 
-# How long the imports wait for the TOC requests to be answering, at most.
+# How long the imports wait for the TOC requests to be sent, at most.
 IMPORTS_WAIT_S = 0.5
 
 
@@ -310,7 +310,7 @@ def _import_modules(speculating: list, serving_imported: threading.Event,
                     prefetched: threading.Event) -> None:
     deadline = time.monotonic() + IMPORTS_WAIT_S
     for source in speculating:
-        source.answering.wait(max(0.0, deadline - time.monotonic()))
+        source.asking.wait(max(0.0, deadline - time.monotonic()))
     try:
         _import_all(_SERVING_MODULES)
     finally:

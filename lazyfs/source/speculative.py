@@ -95,9 +95,10 @@ class SpeculativeSource:
         self._started = False  # the download has taken its rider (if any): no more boarding
         self._changed = threading.Condition()
         self._go = threading.Event()  # set when the download should start
-        # Set once its answer is coming in (or it will not come): what the mount waits for
-        # before it spends the interpreter on imports (lazyfs.mount).
-        self.answering = threading.Event()
+        # Set as the request goes out (or once it never will): what the mount waits for before
+        # it spends the interpreter on imports (lazyfs.mount). This thread keeps the
+        # interpreter until the request's bytes are handed to the kernel, so they go first.
+        self.asking = threading.Event()
         self._thread = threading.Thread(target=self._download, name="lazyfs-speculative",
                                         daemon=True)
         self._thread.start()
@@ -206,8 +207,8 @@ class SpeculativeSource:
                 return
             ranges = (rider.ranges if rider is not None else []) + [(0, self.end_offset)]
             window_index = len(ranges) - 1
+            self.asking.set()
             for index, piece in iter_ranges(self.inner, ranges):
-                self.answering.set()
                 if index < window_index:
                     rider.put(index, piece)
                     continue
@@ -227,7 +228,7 @@ class SpeculativeSource:
             with self._changed:
                 self._error = exc
         finally:
-            self.answering.set()
+            self.asking.set()
             if rider is not None:
                 rider.end()
             with self._changed:
