@@ -173,9 +173,12 @@ class LightResponse:
         if self._closed:
             return
         self._closed = True
-        if not self._response.isclosed():
+        # http.client marks a body read to its end with read1 as done only by its length
+        # (0), not by closing it as read does.
+        body_done = self._response.isclosed() or self._response.length == 0
+        self._response.close()  # the connection may carry the next request
+        if not body_done:
             # Body left unread: the connection is mid-answer, and cannot carry another.
-            self._response.close()
             self._connection.close()
         self._connection._busy.release()
 
