@@ -5,6 +5,7 @@ whatever it does not do (redirects, proxies)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -46,8 +47,12 @@ image.close()
 def test_a_cold_resolve_and_first_read_need_no_requests_and_one_connection(layout, nginx):
     url, _ = layout
     nginx.clear_log()
+    # The light client's case: no proxy, no netrc file (whatever the machine running this has).
+    env = {name: value for name, value in os.environ.items()
+           if not name.lower().endswith("_proxy")}
+    env["NETRC"] = str(Path(nginx.root) / "no-netrc")
     done = subprocess.run([sys.executable, "-c", RESOLVE, url], capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, env=env)
     assert done.returncode == 0, done.stderr
     # requests was never imported (its import is what the light client saves), and the blob's
     # source took over the documents' connection.
@@ -152,6 +157,7 @@ def test_one_request_at_a_time_and_an_unread_body_closes_the_connection(tmp_path
 def test_a_connection_started_in_advance_carries_the_first_request(nginx, monkeypatch):
     (Path(nginx.root) / "doc.json").write_bytes(b"{}")
     url = f"{nginx.url}/doc.json"
+    monkeypatch.setenv("NETRC", str(Path(nginx.root) / "no-netrc"))
     preconnect.start(url)
     connection = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
     try:
@@ -170,3 +176,13 @@ def test_a_connection_started_in_advance_carries_the_first_request(nginx, monkey
     preconnect.start(url)
     preconnect.discard()
     assert preconnect._pending == {}
+
+
+def test_credentials_in_the_url_or_a_netrc_file_leave_everything_to_requests(tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert light.usable("https://cdn.example/layout:v1")
+    assert not light.usable("https://user:secret@cdn.example/layout:v1")
+    (tmp_path / "netrc").write_text("machine cdn.example login u password p\n")
+    assert not light.usable("https://cdn.example/layout:v1")
+    assert not light.usable("s3://bucket/layout:v1")

@@ -27,11 +27,16 @@ _pending: dict[tuple[str, int], "_Handshake"] = {}
 
 
 def direct_http(url: str) -> bool:
-    """Whether `url` is http(s) and no proxy is configured: the light client's case."""
-    if urlsplit(url).scheme not in _DEFAULT_PORTS:
+    """Whether `url` is the light client's case: http(s) with no credentials in it, no proxy
+    configured and no netrc file (requests does all three: it sends the URL's or netrc's
+    credentials as Basic auth, and goes through the proxy)."""
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS or "@" in parts.netloc:
         return False
-    return not any(os.environ.get(name) or os.environ.get(name.upper())
-                   for name in _PROXY_VARIABLES)
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in _PROXY_VARIABLES):
+        return False
+    netrc = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    return not os.path.exists(netrc)
 
 
 class _Handshake:
