@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,11 +70,17 @@ class AskLog:
         return getattr(self.inner, name)
 
 
+@contextmanager
 def watched(blob_url, monkeypatch, start_wait_s):
-    """(its AskLog, a SpeculativeSource over it) for the blob, the download's wait set."""
+    """(its AskLog, a SpeculativeSource over it) for the blob, the download's wait set; the
+    source is closed at the end."""
     monkeypatch.setattr(speculative, "START_WAIT_S", start_wait_s)
     inner = AskLog(HttpSource(blob_url))
-    return inner, SpeculativeSource(inner, WINDOW)
+    source = SpeculativeSource(inner, WINDOW)
+    try:
+        yield inner, source
+    finally:
+        source.close()
 
 
 def wait_until(predicate, timeout_s=5.0):
@@ -84,8 +91,7 @@ def wait_until(predicate, timeout_s=5.0):
 
 
 def test_the_toc_read_goes_first_and_carries_the_download(nginx, blob_url, monkeypatch):
-    inner, source = watched(blob_url, monkeypatch, 30.0)
-    try:
+    with watched(blob_url, monkeypatch, 30.0) as (inner, source):
         time.sleep(0.2)
         assert inner.asked == []  # no window download before the TOC's read
         tail = len(BLOB) - 1000
@@ -93,79 +99,61 @@ def test_the_toc_read_goes_first_and_carries_the_download(nginx, blob_url, monke
         assert inner.asked == [tail]  # one request, the TOC's range first
         assert source.read(0, WINDOW) == BLOB[:WINDOW]
         assert inner.asked == [tail]
-    finally:
-        source.close()
 
 
 def test_a_server_without_multi_range_gets_the_toc_then_the_window(tmp_path, monkeypatch):
-    monkeypatch.setattr(speculative, "START_WAIT_S", 30.0)
     (tmp_path / "blob").write_bytes(BLOB)
-    with PyHttpServer(tmp_path) as server:  # answers several ranges with the whole blob
-        source = SpeculativeSource(HttpSource(f"{server.url}/blob"), WINDOW)
-        try:
-            tail = len(BLOB) - 1000
-            assert source.read(tail, 1000) == BLOB[tail:]
-            assert source.read(0, WINDOW) == BLOB[:WINDOW]
-            ranges = [r.headers.get("Range") for r in server.received]
-            assert ranges == [f"bytes={tail}-{len(BLOB) - 1},0-{WINDOW - 1}",
-                              f"bytes={tail}-{len(BLOB) - 1}", f"bytes=0-{WINDOW - 1}"]
-        finally:
-            source.close()
+    # It answers several ranges with the whole blob.
+    with PyHttpServer(tmp_path) as server, \
+            watched(f"{server.url}/blob", monkeypatch, 30.0) as (_, source):
+        tail = len(BLOB) - 1000
+        assert source.read(tail, 1000) == BLOB[tail:]
+        assert source.read(0, WINDOW) == BLOB[:WINDOW]
+        ranges = [r.headers.get("Range") for r in server.received]
+        assert ranges == [f"bytes={tail}-{len(BLOB) - 1},0-{WINDOW - 1}",
+                          f"bytes={tail}-{len(BLOB) - 1}", f"bytes=0-{WINDOW - 1}"]
 
 
 def test_a_failed_toc_read_reaches_its_reader_and_the_window_is_fetched_again(nginx, blob_url,
                                                                               monkeypatch):
-    inner, source = watched(blob_url, monkeypatch, 30.0)
-    try:
+    with watched(blob_url, monkeypatch, 30.0) as (inner, source):
         with pytest.raises(FetchError, match="past the end"):
             source.read(len(BLOB) + 10, 100)  # the request fails (416) before the window
         with pytest.raises(FetchError) as caught:
             source.read(0, WINDOW)  # the prefetch's first try: the download failed too
         assert caught.value.retriable
         assert source.read(0, WINDOW) == BLOB[:WINDOW]  # its retry goes to the server
-    finally:
-        source.close()
 
 
 def test_a_read_reaching_into_the_window_does_not_carry_it(nginx, blob_url, monkeypatch):
     # As a small blob's tail read would: it goes alone, and the window's download starts.
-    inner, source = watched(blob_url, monkeypatch, 30.0)
-    try:
+    with watched(blob_url, monkeypatch, 30.0) as (inner, source):
         assert source.read(WINDOW - 10, 20) == BLOB[WINDOW - 10:WINDOW + 10]
         wait_until(lambda: len(inner.asked) == 2)
         assert sorted(inner.asked) == [0, WINDOW - 10]
         assert source.read(0, WINDOW) == BLOB[:WINDOW]
-    finally:
-        source.close()
 
 
 def test_without_an_outside_read_the_download_starts_after_a_while(nginx, blob_url,
                                                                      monkeypatch):
-    inner, source = watched(blob_url, monkeypatch, 0.1)
-    try:
+    with watched(blob_url, monkeypatch, 0.1) as (inner, source):
         wait_until(lambda: inner.asked == [0])
         assert source.read(10, 100) == BLOB[10:110]
-    finally:
-        source.close()
 
 
 def test_a_read_of_the_window_starts_the_download_at_once(nginx, blob_url, monkeypatch):
-    inner, source = watched(blob_url, monkeypatch, 30.0)
-    try:
+    with watched(blob_url, monkeypatch, 30.0) as (inner, source):
         started = time.monotonic()
         assert source.read(0, WINDOW) == BLOB[:WINDOW]
         assert time.monotonic() - started < 10 and inner.asked == [0]
-    finally:
-        source.close()
 
 
 def test_a_window_given_up_before_it_started_is_never_asked_for(nginx, blob_url, monkeypatch):
-    inner, source = watched(blob_url, monkeypatch, 30.0)
-    source.discard()
-    source._thread.join(5)
-    assert not source._thread.is_alive() and inner.asked == []
-    assert source.read(10, 100) == BLOB[10:110]  # later reads go to the server
-    source.close()
+    with watched(blob_url, monkeypatch, 30.0) as (inner, source):
+        source.discard()
+        source._thread.join(5)
+        assert not source._thread.is_alive() and inner.asked == []
+        assert source.read(10, 100) == BLOB[10:110]  # later reads go to the server
 
 
 def test_a_request_past_the_window_goes_to_the_server(nginx, blob_url):
