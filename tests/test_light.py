@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from lazyfs.errors import FetchError
 from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import open_reference
 from lazyfs.source import light, preconnect
 from lazyfs.source.http import HttpSource
-from tests.servers import PyHttpServer
+from tests.servers import NginxServer, PyHttpServer, make_tls_files
 from tests.testimage import TAG
 
 
@@ -186,3 +187,32 @@ def test_credentials_in_the_url_or_a_netrc_file_leave_everything_to_requests(tmp
     (tmp_path / "netrc").write_text("machine cdn.example login u password p\n")
     assert not light.usable("https://cdn.example/layout:v1")
     assert not light.usable("s3://bucket/layout:v1")
+
+
+def test_tls_is_verified_with_the_same_trust_as_requests(tmp_path, monkeypatch):
+    ca_cert, server_cert, server_key = make_tls_files(tmp_path)
+    root = tmp_path / "tls-www"
+    root.mkdir()
+    (root / "doc.json").write_bytes(b'{"tls": 1}')
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with NginxServer(root, tls=(server_cert, server_key)) as server:
+        url = f"{server.url}/doc.json"
+        # Not trusted by default (certifi's bundle, as requests): a TLS error, not retried.
+        untrusted = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
+        try:
+            assert untrusted.try_acquire()
+            with pytest.raises(FetchError, match="TLS error: certificate verify failed") as info:
+                untrusted.send("GET", url, "doc")
+            assert not info.value.retriable
+        finally:
+            untrusted.close()
+        # With --ca-cert, and over a connection whose TCP handshake was made in advance.
+        preconnect.start(url)
+        trusted = light.LightConnection(url, headers=None, ca_cert=ca_cert, timeout=5)
+        try:
+            assert trusted._conn.sock is not None
+            assert trusted.try_acquire()
+            with trusted.send("GET", url, "doc") as resp:
+                assert resp.status_code == 200 and resp.read(100) == b'{"tls": 1}'
+        finally:
+            trusted.close()

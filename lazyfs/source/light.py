@@ -120,7 +120,7 @@ class LightConnection:
             response = self._exchange(method, target, all_headers)
         except ssl.SSLError as exc:
             self._conn.close()
-            raise FetchError(f"{where}: TLS error: {exc.reason or exc}") from exc
+            raise FetchError(f"{where}: TLS error: {_tls_reason(exc)}") from exc
         except TimeoutError as exc:
             self._conn.close()
             raise FetchError(f"{where}: {method} timed out after {self._timeout_text()}",
@@ -220,6 +220,14 @@ def _default_ca_bundle() -> str | None:
     except ImportError:
         return None
     return certifi.where()
+
+
+def _tls_reason(exc: ssl.SSLError) -> str:
+    """As requests words it ("certificate verify failed: self-signed certificate")."""
+    verify_message = getattr(exc, "verify_message", None)
+    if verify_message:
+        return f"certificate verify failed: {verify_message}"
+    return exc.reason or str(exc)
 
 
 def _reason(exc: BaseException) -> str:
