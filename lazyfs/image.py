@@ -27,8 +27,15 @@ class MountImage:
     layers: list[LayerSpec]
     description: dict  # what `lazyfs stats` shows about the image
     close_store: Callable[[], None] = field(default=lambda: None)
-    # The OCI image config (Env, Cmd, User, ... under "config"); None for a lone blob.
-    config: dict | None = None
+    # The image (lazyfs.oci_layout.ImageSource) whose config `config` reads; None for a lone
+    # blob.
+    source_image: object | None = None
+
+    @property
+    def config(self) -> dict | None:
+        """The OCI image config (Env, Cmd, User, ... under "config"); None for a lone blob.
+        Read at the first use when the image was resolved with `defer_config`."""
+        return None if self.source_image is None else self.source_image.config
 
     def close(self) -> None:
         """Close the layers' sources (with the connections they keep) and the image's store."""
@@ -41,12 +48,14 @@ class MountImage:
 
 def resolve_mount_image(ref: str, *, toc_digest: str | None = None, insecure: bool = False,
                         sources: SourceOptions | None = None,
-                        verify_keys: tuple[str, ...] = ()) -> MountImage:
+                        verify_keys: tuple[str, ...] = (),
+                        defer_config: bool = False) -> MountImage:
     """`verify_keys`: refuse the image unless one of these public keys signed its manifest
     (lazyfs.signing); a signed manifest only protects layers whose TOC it pins, so no
-    --insecure-skip-verify then."""
+    --insecure-skip-verify then. `defer_config`: a remote image's config is read at the first
+    use of MountImage.config (the mount itself needs none of it)."""
     sources = sources or SourceOptions()
-    target = open_reference(ref, sources=sources)
+    target = open_reference(ref, sources=sources, defer_config=defer_config)
     if isinstance(target, LoneBlob):
         _refuse_keys_for_lone_blob(target, verify_keys)
         return _lone_blob(target.location, sources.open(target.location), toc_digest, insecure)
@@ -117,7 +126,7 @@ def _from_image(image, name: str, insecure: bool) -> MountImage:
     verified = all(spec.toc_digest for spec in specs)
     description = {"image": name, "tag": image.tag, "manifest": image.manifest_descriptor.digest,
                    "verified": verified}
-    return MountImage(specs, description, close, config=image.config)
+    return MountImage(specs, description, close, source_image=image)
 
 
 def _decimal(text: str | None) -> int | None:

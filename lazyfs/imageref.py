@@ -168,9 +168,11 @@ def scheme_of(ref: str) -> str | None:
 
 
 def open_reference(ref: str, *, sources: SourceOptions | None = None,
-                   platform: Platform | None = None,
-                   tmp_dir: str | None = None) -> ImageSource | LoneBlob:
+                   platform: Platform | None = None, tmp_dir: str | None = None,
+                   defer_config: bool = False) -> ImageSource | LoneBlob:
     """Resolve any reference to an image (manifest and config read and verified) or a lone blob.
+    `defer_config`: a remote image's config is read at its first use, not now (a round trip
+    less before a mount: see lazyfs.run).
 
     Close the ImageSource when done: it may hold temporary files and connections.
     """
@@ -189,7 +191,8 @@ def open_reference(ref: str, *, sources: SourceOptions | None = None,
     if isinstance(remote, LoneBlob):
         return remote
     blobs, index, reference = remote
-    return oci_layout.resolve_in_index(blobs, index, reference, platform)
+    return oci_layout.resolve_in_index(blobs, index, reference, platform,
+                                       defer_config=defer_config)
 
 
 def open_remote(ref: str, sources: SourceOptions, *,

@@ -61,13 +61,14 @@ class MountOptions:
 
 
 def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = False,
-          image=None) -> int:
+          image=None, meanwhile=None) -> int:
     """Mount `ref` at `mountpoint`; in a background daemon unless options.foreground.
 
-    `image`: ref already resolved (a lazyfs.image.MountImage), as `lazyfs run` has it after
-    reading the image config: the daemon, a fork of this process, serves it without fetching
-    index, manifest and config again, and reuses its kept-alive connections. The caller must
-    not close it (the daemon owns it from then on).
+    `image`: ref already resolved (a lazyfs.image.MountImage), as `lazyfs run` has it: the
+    daemon, a fork of this process, serves it without fetching index and manifest again, and
+    reuses its kept-alive connections. The caller must not close it (the daemon owns it from
+    then on). `meanwhile()`: called here while the daemon starts (`lazyfs run` reads the
+    image config); it must not raise.
     """
     if not os.path.isdir(mountpoint):
         raise NotFound(f"mountpoint {mountpoint} is not a directory")
@@ -85,6 +86,8 @@ def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = Fal
         finally:
             os._exit(code)
     os.close(write_fd)
+    if meanwhile is not None:
+        meanwhile()
     with os.fdopen(read_fd, "rb") as pipe:
         message = pipe.read().decode("utf-8", "replace")
     if message.startswith("ok"):
@@ -272,14 +275,23 @@ def _start_speculative_prefetch(specs, cache) -> list:
     return started
 
 
-def resolve_image(ref: str, options: MountOptions):
-    """ref resolved to what a mount serves (lazyfs.image.MountImage): layers and config."""
+def resolve_image(ref: str, options: MountOptions, *, defer_config: bool = True):
+    """ref resolved to what a mount serves (lazyfs.image.MountImage): its layers, and its
+    config, read at the first use of `.config` unless `defer_config` is False (see
+    image_config: the mount itself needs none of it)."""
     from lazyfs.image import resolve_mount_image
 
     return _retried(lambda: resolve_mount_image(ref, toc_digest=options.toc_digest,
                                                 insecure=options.insecure,
                                                 sources=options.source_options(),
-                                                verify_keys=options.verify_keys), options)
+                                                verify_keys=options.verify_keys,
+                                                defer_config=defer_config), options)
+
+
+def image_config(image, options: MountOptions) -> dict | None:
+    """The config of a resolved image (lazyfs.image.MountImage), read now if it was deferred,
+    under the mount's retry policy."""
+    return _retried(lambda: image.config, options)
 
 
 def _retried(attempt, options: MountOptions):

@@ -168,15 +168,30 @@ class ImageSource:
     manifest_descriptor: Descriptor
     manifest_json: dict[str, Any]
     manifest: Manifest
-    config_bytes: bytes
-    config: dict[str, Any]
     blobs: LocalBlobs = field(repr=False)
     tag: str | None = None
     repo_tag: str | None = None       # a docker-archive's full "repo:tag", when it had one
+    # (config bytes, parsed config), read and checked by load_image, or at first use when it
+    # was asked to defer them (a mount needs none of it: `lazyfs run` reads it meanwhile).
+    _config: tuple[bytes, dict[str, Any]] | None = field(default=None, repr=False)
 
     @property
     def layers(self) -> tuple[Descriptor, ...]:
         return self.manifest.layers
+
+    @property
+    def config_bytes(self) -> bytes:
+        return self._loaded_config()[0]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self._loaded_config()[1]
+
+    def _loaded_config(self) -> tuple[bytes, dict[str, Any]]:
+        if self._config is None:
+            self._config = _read_config(self.blobs, self.manifest, self.name,
+                                        self.manifest_descriptor)
+        return self._config
 
     @property
     def config_descriptor(self) -> Descriptor:
@@ -201,8 +216,10 @@ class ImageSource:
 
 
 def load_image(blobs: LocalBlobs, manifest_desc: Descriptor, *, name: str,
-               tag: str | None = None, repo_tag: str | None = None) -> ImageSource:
-    """Read and validate the manifest and config that manifest_desc pins.
+               tag: str | None = None, repo_tag: str | None = None,
+               defer_config: bool = False) -> ImageSource:
+    """Read and validate the manifest and config that manifest_desc pins (the config at its
+    first use instead, with `defer_config`: its errors come then).
 
     Closes blobs if the image is unusable, so the caller only closes the ImageSource.
     """
@@ -217,20 +234,27 @@ def load_image(blobs: LocalBlobs, manifest_desc: Descriptor, *, name: str,
         if manifest.config.media_type not in oci.CONFIG_MEDIA_TYPES:
             raise FormatError(f"{where}: not a container image"
                               f" (config media type {manifest.config.media_type!r})")
-        config_bytes = blobs.read(manifest.config)
-        signatures = bool(manifest.layers) and all(
-            d.media_type == oci.COSIGN_SIMPLE_SIGNING for d in manifest.layers)
-        config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}",
-                                  require_platform=not signatures)
-        diff_id_count = len(oci.config_diff_ids(config))
-        if diff_id_count != len(manifest.layers):
-            raise FormatError(f"{where}: {len(manifest.layers)} layers but the config lists"
-                              f" {diff_id_count} diff_ids")
+        config = None if defer_config else _read_config(blobs, manifest, name, manifest_desc)
     except BaseException:
         blobs.close()
         raise
-    return ImageSource(name, manifest_desc, manifest_json, manifest, config_bytes, config,
-                       blobs, tag=tag, repo_tag=repo_tag)
+    return ImageSource(name, manifest_desc, manifest_json, manifest, blobs, tag=tag,
+                       repo_tag=repo_tag, _config=config)
+
+
+def _read_config(blobs: LocalBlobs, manifest: Manifest, name: str,
+                 manifest_desc: Descriptor) -> tuple[bytes, dict[str, Any]]:
+    """The manifest's config, verified and checked against the manifest."""
+    config_bytes = blobs.read(manifest.config)
+    signatures = bool(manifest.layers) and all(
+        d.media_type == oci.COSIGN_SIMPLE_SIGNING for d in manifest.layers)
+    config = oci.parse_config(config_bytes, f"{name}: config {manifest.config.digest}",
+                              require_platform=not signatures)
+    diff_id_count = len(oci.config_diff_ids(config))
+    if diff_id_count != len(manifest.layers):
+        raise FormatError(f"{name}: manifest {manifest_desc.digest}: {len(manifest.layers)} "
+                          f"layers but the config lists {diff_id_count} diff_ids")
+    return config_bytes, config
 
 
 def open_image(ref: str, *, platform: Platform | None = None,
@@ -388,7 +412,7 @@ def _read_capped(f: Any, where: str, max_size: int = MAX_JSON_BYTES) -> bytes:
 # --- Choosing the manifest ---------------------------------------------------------------------
 
 def resolve_in_index(blobs: LocalBlobs, index: oci.Index, reference: Reference,
-                     platform: Platform | None) -> ImageSource:
+                     platform: Platform | None, *, defer_config: bool = False) -> ImageSource:
     name = reference.path
     try:
         if reference.digest is not None:
@@ -403,7 +427,7 @@ def resolve_in_index(blobs: LocalBlobs, index: oci.Index, reference: Reference,
     except BaseException:
         blobs.close()
         raise
-    return load_image(blobs, desc, name=name, tag=tag)
+    return load_image(blobs, desc, name=name, tag=tag, defer_config=defer_config)
 
 
 def _entries_for_tag(entries: tuple[Descriptor, ...], tag: str | None,

@@ -139,7 +139,7 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
     from it that the program ran, and reads the mount's stats).
     """
-    from lazyfs.mount import resolve_image
+    from lazyfs.mount import image_config, resolve_image
 
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
@@ -153,22 +153,35 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
 
         crun = find_crun()
     # Resolved once, here: the config decides what runs, and the mount daemon (a fork of this
-    # process) serves the very same manifest's layers without fetching anything again.
+    # process) serves the very same manifest's layers without fetching anything again. The
+    # config is read once the daemon is fetching the TOCs (a round trip off a cold start's
+    # path), unless the command must come from it: with none there, say so before mounting.
     resolved = resolve_image(image, options)
-    config = resolved.config
-    try:
-        command_for(config, command)  # no command at all: say so before mounting anything
-    except BaseException:
-        resolved.close()
-        raise
+    if not command:
+        try:
+            command_for(image_config(resolved, options), command)
+        except BaseException:
+            resolved.close()
+            raise
     lower = tempfile.mkdtemp(prefix="lazyfs-image-", dir=os.environ.get("LAZYFS_RUN_DIR"))
     options.foreground = False
-    code = mount(image, lower, options, quiet=True, image=resolved)
+    config_read: dict = {}  # "config", or the "error" that reading it raised
+
+    def read_config() -> None:
+        try:
+            config_read["config"] = image_config(resolved, options)
+        except BaseException as exc:  # raised once the mount is up, to be unmounted
+            config_read["error"] = exc
+
+    code = mount(image, lower, options, quiet=True, image=resolved, meanwhile=read_config)
     if code != 0:
         os.rmdir(lower)
         return code
     previous_sigterm = _exit_on_sigterm()
     try:
+        if "error" in config_read:
+            raise config_read["error"]
+        config = config_read["config"]
         spec = process_spec(config, command, lower, term=os.environ.get("TERM"), extra_env=env)
         if crun is not None:
             from lazyfs.crun import run_in_crun

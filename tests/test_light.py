@@ -17,8 +17,10 @@ import pytest
 from lazyfs.errors import FetchError
 from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import open_reference
+from lazyfs.oci_layout import open_image
 from lazyfs.source import light, preconnect
 from lazyfs.source.http import HttpSource
+from tests.mounting import mounted
 from tests.servers import NginxServer, PyHttpServer, make_tls_files
 from tests.testimage import TAG
 
@@ -216,3 +218,17 @@ def test_tls_is_verified_with_the_same_trust_as_requests(tmp_path, monkeypatch):
                 assert resp.status_code == 200 and resp.read(100) == b'{"tls": 1}'
         finally:
             trusted.close()
+
+
+def test_a_mount_reads_no_config(layout, nginx, tmp_path):
+    """The filesystem needs the layers only: the daemon of `lazyfs mount` never asks for the
+    image config (`lazyfs run` reads it itself, while the daemon fetches the TOCs)."""
+    url, converted = layout
+    with open_image(f"{converted}:{TAG}") as local:
+        config_name = local.config_descriptor.digest.split(":")[1]
+        manifest_name = local.manifest_descriptor.digest.split(":")[1]
+    nginx.clear_log()
+    with mounted(url, tmp_path / "mnt", "--no-background-fetch", cache_dir=tmp_path / "cache"):
+        assert (tmp_path / "mnt" / "etc" / "passwd").read_bytes().startswith(b"root:")
+    names = [r.uri.rsplit("/", 1)[-1] for r in nginx.requests()]
+    assert manifest_name in names and config_name not in names

@@ -7,6 +7,8 @@ applied as a container runtime would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -18,6 +20,7 @@ from converter.image import convert_image
 from converter.layer import LayerOptions
 from lazyfs import container, crun
 from lazyfs.errors import NotFound
+from lazyfs.oci_layout import open_image
 from tests.imagebuild import write_layout
 from tests.mounting import lazyfs_cmd, require_fuse
 from tests.tarbuild import dir_, file_, symlink
@@ -282,8 +285,9 @@ def test_cgroup2_is_hidden_from_crun_only_on_hybrid_hosts():
 
 
 def test_over_http_the_image_documents_are_fetched_once(images, nginx, scratch, tmp_path):
-    """`run` resolves the image for its config, and the mount daemon it forks serves that same
-    resolution: index, manifest and config cross the network once, on one connection."""
+    """`run` resolves the image, and the mount daemon it forks serves that same resolution:
+    index, manifest and config cross the network once. The daemon takes over the documents'
+    connection for its TOC read, while `run` reads the config on a connection of its own."""
     layout, _, tag = images["env"].rpartition(":")
     shutil.copytree(layout, Path(nginx.root) / "env")
     done = run(f"{nginx.url}/env:{tag}", "/bin/sh", "-c", "echo $FOO; cat /etc/release",
@@ -295,6 +299,15 @@ def test_over_http_the_image_documents_are_fetched_once(images, nginx, scratch, 
     # the manifest and the config: two whole-blob GETs, each once; the layers only by range
     whole_blobs = [uri for uri in documents if "/blobs/" in uri]
     assert len(whole_blobs) == 2 and len(set(whole_blobs)) == 2
+    records = nginx.requests()
+    connection_of = {r.uri: r.connection for r in records if r.range == ""}
+    toc_read = next(r for r in records if r.range)
+    manifest_uri, config_uri = (uri for uri in whole_blobs)
+    with open_image(images["env"]) as local:  # which of the two is the config
+        if local.config_descriptor.digest.endswith(manifest_uri.rsplit("/", 1)[-1]):
+            manifest_uri, config_uri = config_uri, manifest_uri
+    assert connection_of["/env/index.json"] == connection_of[manifest_uri] == toc_read.connection
+    assert connection_of[config_uri] != toc_read.connection
     assert_cleaned_up(scratch)
 
 
@@ -313,4 +326,35 @@ def test_run_from_a_registry(images, scratch, tmp_path):
                scratch=scratch, cache=tmp_path / "cache")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "from the image config\n/srv/app\n"
+    assert_cleaned_up(scratch)
+
+
+def test_a_wrong_config_read_after_the_mount_fails_cleanly(images, nginx, scratch, tmp_path):
+    """With a command given, `run` reads the config while the daemon fetches the TOCs: a config
+    that does not match its manifest is still refused, and nothing is left mounted."""
+    layout, _, tag = images["env"].rpartition(":")
+    root = Path(nginx.root) / "env"
+    shutil.copytree(layout, root)
+
+    def blob_path(digest: str) -> Path:
+        return root / "blobs" / "sha256" / digest.split(":")[1]
+
+    def put(document: dict) -> dict:
+        data = json.dumps(document).encode()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blob_path(digest).write_bytes(data)
+        return {"digest": digest, "size": len(data)}
+
+    index = json.loads((root / "index.json").read_text())
+    entry = next(e for e in index["manifests"]
+                 if e.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag)
+    manifest = json.loads(blob_path(entry["digest"]).read_text())
+    config = json.loads(blob_path(manifest["config"]["digest"]).read_text())
+    config["rootfs"]["diff_ids"].append(config["rootfs"]["diff_ids"][0])  # one layer too many
+    manifest["config"].update(put(config))
+    entry.update(put(manifest))
+    (root / "index.json").write_text(json.dumps(index))
+    done = run(f"{nginx.url}/env:{tag}", "/bin/true", scratch=scratch, cache=tmp_path / "cache")
+    assert done.returncode == 2, done.stderr
+    assert "layers but the config lists" in done.stderr
     assert_cleaned_up(scratch)
