@@ -232,3 +232,24 @@ def test_a_mount_reads_no_config(layout, nginx, tmp_path):
         assert (tmp_path / "mnt" / "etc" / "passwd").read_bytes().startswith(b"root:")
     names = [r.uri.rsplit("/", 1)[-1] for r in nginx.requests()]
     assert manifest_name in names and config_name not in names
+
+
+class CuttingServer(PyHttpServer):
+    """Announces the whole range, sends half of it, then closes the connection."""
+
+    def send_range(self, handler, data: bytes, first: int, last: int) -> None:
+        body = data[first:last + 1]
+        self.send(handler, 206, {"Content-Range": f"bytes {first}-{last}/{len(data)}"},
+                  body[:len(body) // 2], content_length=len(body))
+        handler.close_connection = True
+
+
+def test_a_body_cut_short_is_a_lost_connection_to_retry(tmp_path):
+    (tmp_path / "blob").write_bytes(bytes(range(256)) * 400)
+    with CuttingServer(tmp_path) as server:
+        url = f"{server.url}/blob"
+        bootstrap = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
+        with HttpSource(url, bootstrap=bootstrap) as source:
+            with pytest.raises(FetchError, match="connection lost after 500 bytes") as info:
+                source.read(0, 1000)
+            assert info.value.retriable

@@ -164,7 +164,14 @@ class LightResponse:
         self._closed = False
 
     def read1(self, limit_bytes: int, decode_content: bool = False) -> bytes:
-        return self._read(self._response.read1, limit_bytes)
+        missing_bytes = self._response.length  # None: the body ends when the connection does
+        data = self._read(self._response.read1, limit_bytes)
+        if not data and limit_bytes and missing_bytes:
+            # read1, unlike read, returns b"" when the connection ends before the announced
+            # length: a cut connection, as urllib3 reports it, not a short answer.
+            raise ConnectionError("the connection ended in the body") from \
+                http.client.IncompleteRead(b"", missing_bytes)
+        return data
 
     def read(self, limit_bytes: int, decode_content: bool = False) -> bytes:
         return self._read(self._response.read, limit_bytes)
