@@ -314,17 +314,16 @@ class HttpLayoutStore:
         from lazyfs.source import light
         from lazyfs.source.http import HttpClient, fetch_document, redact_url
 
+        where = redact_url(url)
         if self._client is None and light.usable(url):
             if self._light is None:
                 self._light = light.LightConnection(url, headers=self.sources.headers,
                                                     ca_cert=self.sources.ca_cert,
                                                     timeout=self.sources.timeout)
-            if self._light.serves(url) and self._light.try_acquire():
-                resp = self._light.send("GET", url, redact_url(url))
-                if not light.is_redirect(resp.status_code):
-                    return fetch_document(resp, redact_url(url), max_bytes)
-                resp.close()  # requests follows redirects: it fetches the documents from now on
-                self._light.close()
+            resp = self._light.try_send("GET", url, where)
+            if resp is not None:
+                return fetch_document(resp, where, max_bytes)
+            if self._light.stepped_aside:  # redirected: requests fetches the documents now
                 self._light = None
         if self._client is None:
             self._client = HttpClient(self.sources.headers, self.sources.ca_cert,

@@ -67,8 +67,8 @@ def mount(ref: str, mountpoint: str, options: MountOptions, *, quiet: bool = Fal
     `image`: ref already resolved (a lazyfs.image.MountImage), as `lazyfs run` has it: the
     daemon, a fork of this process, serves it without fetching index and manifest again, and
     reuses its kept-alive connections. The caller must not close it (the daemon owns it from
-    then on). `meanwhile()`: called here while the daemon starts (`lazyfs run` reads the
-    image config); it must not raise.
+    then on). `meanwhile()`: called here while the background daemon starts (`lazyfs run`
+    reads the image config); it must not raise.
     """
     if not os.path.isdir(mountpoint):
         raise NotFound(f"mountpoint {mountpoint} is not a directory")

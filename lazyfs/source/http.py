@@ -99,11 +99,14 @@ class HttpSource:
         self._where = redact_url(url)
         check_ca_cert(ca_cert)
         self._client = client
-        self._client_args = (headers, ca_cert, timeout, max_connections, auth)
+        self._client_args = (headers, ca_cert, timeout, auth)
+        self._max_connections = max_connections
         self._client_lock = threading.Lock()
-        self._bootstrap = bootstrap if bootstrap is not None and bootstrap.serves(url) else None
-        if bootstrap is not None and self._bootstrap is None:
+        # Not for another server, nor with credentials to send (the light client has none).
+        self._bootstrap = bootstrap
+        if bootstrap is not None and (auth is not None or not bootstrap.serves(url)):
             bootstrap.close()
+            self._bootstrap = None
         self._count_lock = threading.Lock()
         # Held while probing the size, so that threads asking at once cost one HEAD, not many.
         self._size_lock = threading.Lock()
@@ -116,7 +119,7 @@ class HttpSource:
 
     def set_pool_size(self, max_connections: int) -> None:
         """Keep up to `max_connections` connections alive (the fetcher's per-source bound)."""
-        self._client_args = (*self._client_args[:3], max_connections, self._client_args[4])
+        self._max_connections = max_connections
         if self._client is not None:
             self._client.set_pool_size(max_connections)
 
@@ -197,24 +200,20 @@ class HttpSource:
         with self._count_lock:
             self.requests += 1
         bootstrap = self._bootstrap
-        if bootstrap is not None and bootstrap.serves(url) and bootstrap.try_acquire():
-            from lazyfs.source.light import is_redirect
-
-            resp = bootstrap.send(method, url, self._where, headers)
-            if not is_redirect(resp.status_code):
+        if bootstrap is not None:
+            resp = bootstrap.try_send(method, url, self._where, headers)
+            if resp is not None:
                 return resp
-            # Redirects are requests' business (it follows them and drops credentials that
-            # must not travel): the light connection steps aside for good.
-            resp.close()
-            self._bootstrap = None
-            bootstrap.close()
+            if bootstrap.stepped_aside:
+                self._bootstrap = None
         return self._requests_client().send(method, url, self._where, headers)
 
     def _requests_client(self) -> "HttpClient":
         with self._client_lock:
             if self._client is None:
-                headers, ca_cert, timeout, max_connections, auth = self._client_args
-                self._client = HttpClient(headers, ca_cert, timeout, max_connections, auth=auth)
+                headers, ca_cert, timeout, auth = self._client_args
+                self._client = HttpClient(headers, ca_cert, timeout, self._max_connections,
+                                          auth=auth)
             return self._client
 
     def _range_pieces(self, blob_offset: int, length: int) -> Iterator[bytes]:

@@ -35,7 +35,7 @@ def usable(url: str) -> bool:
     return preconnect.direct_http(url)
 
 
-def is_redirect(status: int) -> bool:
+def _is_redirect(status: int) -> bool:
     return status in _REDIRECT_STATUSES
 
 
@@ -69,6 +69,7 @@ class LightConnection:
         else:
             self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=connect_s)
         self._busy = threading.Lock()
+        self.stepped_aside = False  # a redirect came: requests does everything from then on
         self._adopt(preconnect.take(url, connect_s), context, parts.hostname)
 
     def _adopt(self, sock, context, hostname: str) -> None:
@@ -92,6 +93,21 @@ class LightConnection:
 
     def try_acquire(self) -> bool:
         return self._busy.acquire(blocking=False)
+
+    def try_send(self, method: str, url: str, where: str,
+                 headers: dict[str, str] | None = None) -> "LightResponse | None":
+        """send(), if this connection can: None when it is busy or for another server, and
+        when the answer is a redirect, which requests is to follow (it drops credentials
+        that must not travel): the connection is then closed and `stepped_aside` for good."""
+        if self.stepped_aside or not self.serves(url) or not self.try_acquire():
+            return None
+        resp = self.send(method, url, where, headers)
+        if not _is_redirect(resp.status_code):
+            return resp
+        resp.close()
+        self.stepped_aside = True
+        self.close()
+        return None
 
     def send(self, method: str, url: str, where: str,
              headers: dict[str, str] | None = None) -> "LightResponse":
