@@ -222,8 +222,8 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
-        speculating = _start_speculative_prefetch(image.layers, cache) if options.fetch.prefetch \
-            else []
+        speculating = (_start_speculative_prefetch(image.layers, cache)
+                       if options.fetch.prefetch else [])
         # Fetching the TOCs is round trips of waiting: meanwhile a thread imports what serving
         # needs (trio, pyfuse3, the fetcher: ~0.2 s of a cold start). Not earlier: while the
         # image resolves, it would compete with that for the interpreter, and it first waits

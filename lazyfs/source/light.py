@@ -7,10 +7,10 @@ manifest, config) and the first range request for a layer (its TOC, with the pre
 window: lazyfs/source/speculative.py) go over this one connection, and `requests` is loaded
 in the background, by the mount daemon, for what comes later (lazyfs/mount.py).
 
-It does the plain case only, and says when it cannot: no proxies (with a proxy variable in
-the environment `usable()` is False, and requests, which honours them, does everything), no
-redirects (a 3xx answer is handed back, and the caller asks requests, which follows it), one
-origin, one request at a time. Everything that judges an answer (status, Content-Range,
+It does the plain case only, and says when it cannot: no proxies and no credentials (with a
+proxy variable in the environment, a user:password in the URL or a netrc file, `usable()` is
+False, and requests, which honours them, does everything), no redirects (`try_send` steps
+aside for good, and requests follows them), one origin, one request at a time. Everything that judges an answer (status, Content-Range,
 lengths, multipart framing) is the caller's code in lazyfs/source/http.py, the same for both
 clients: `LightResponse` offers the part of `requests.Response` that code reads.
 """
@@ -31,7 +31,8 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
 
 def usable(url: str) -> bool:
-    """Whether this client may fetch `url`: http(s), and no proxy configured."""
+    """Whether this client may fetch `url` (preconnect.direct_http: the same test decides
+    whether a connection is started in advance)."""
     return preconnect.direct_http(url)
 
 

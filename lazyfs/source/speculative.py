@@ -19,8 +19,8 @@ transfers would share the link, and the TOC would arrive about twice as late. So
 waits for the first read outside the window (the TOC's, through this same source) and carries
 it: one request asks for that read's ranges first and the window after them (HTTP: one
 multi-range request on the connection the documents kept alive). The TOC's bytes come first
-and are handed to its reader as they arrive, the window's follow without a gap on the link,
-and no new connection or round trip is spent on the window. A server that cannot answer
+and are handed to its reader once they are all in, the window's follow without a gap on the
+link, and no new connection or round trip is spent on the window. A server that cannot answer
 several ranges at once gets them one after the other (lazyfs/source/http.py), the TOC's still
 first. With no read outside the window within START_WAIT_S, the download starts alone.
 
