@@ -37,8 +37,8 @@ import pytest
 from lazyfs.fetchoptions import FetchOptions
 from tests.faultproxy import FaultProxy
 from tests.imagebuild import converted_one_layer
-from tests.mounting import (assert_cache_holds_only_verified, daemon_rss_bytes, direct_read,
-                            lazyfs_stats, mounted, require_fuse)
+from tests.mounting import (assert_cache_holds_only_verified, daemon_log, daemon_rss_bytes,
+                            direct_read, lazyfs_stats, mounted, require_fuse)
 from tests.tarbuild import dir_, file_
 
 KiB, MiB = 1024, 1024 * 1024
@@ -108,10 +108,12 @@ def test_64_readers_at_random_offsets_get_right_bytes_in_bounded_memory(stress_l
         assert daemon.poll() is None
 
         failures = [failure for result in results for failure in result["failures"]]
-        assert failures == [], failures[:5]
+        report = lazyfs_stats(mount_dir)
+        [layer] = report["layers"]
+        assert failures == [], (failures[:5], report["last_error"], layer["last_error"],
+                                daemon_log(mount_dir)[-3000:])
         reads = sum(result["reads"] for result in results)
         assert reads >= READERS * 10, f"only {reads} reads in {STRESS_SECONDS} s"
-        [layer] = lazyfs_stats(mount_dir)["layers"]
         assert proxy.faults_applied >= 1 and layer["retries"] >= proxy.faults_applied
         assert layer["errors"] == 0, layer["last_error"]
         assert peak - rss_at_mount <= RSS_GROWTH_BOUND, (
