@@ -28,6 +28,7 @@ to the original URL once, which redirects to a fresh location.
 
 from __future__ import annotations
 
+import http.client  # (loaded anyway: lazyfs.source.light, imported below, is built on it)
 import logging
 import re
 import sys
@@ -38,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from lazyfs.errors import FetchError, NotFound, RangeNotSupported
 from lazyfs.source import CONTENT_RANGE, check_content_range, check_range
-from lazyfs.source.light import check_ca_cert
+from lazyfs.source.light import check_ca_cert, timeout_text
 
 if TYPE_CHECKING:  # requests is imported when first used (see lazyfs/source/light.py)
     import requests
@@ -506,11 +507,6 @@ class HttpClient:
         where = redact_url(url)
         return fetch_document(self.send("GET", url, where), where, max_bytes)
 
-    def _timeout_text(self) -> str:
-        if isinstance(self.timeout, tuple):
-            return f"{self.timeout[0]} s to connect or {self.timeout[1]} s to read"
-        return f"{self.timeout} s"
-
     def send(self, method: str, url: str, where: str,
              headers: dict[str, str] | None = None, data=None) -> requests.Response:
         import requests
@@ -523,7 +519,7 @@ class HttpClient:
             # Certificate problems do not heal by retrying.
             raise FetchError(f"{where}: TLS error: {_reason(exc)}") from exc
         except requests.exceptions.Timeout as exc:
-            raise FetchError(f"{where}: {method} timed out after {self._timeout_text()}",
+            raise FetchError(f"{where}: {method} timed out after {timeout_text(self.timeout)}",
                              retriable=True) from exc
         except requests.exceptions.ConnectionError as exc:
             raise FetchError(f"{where}: {method} failed: {_reason(exc)}", retriable=True) from exc
@@ -618,12 +614,6 @@ def _total_from_416(resp: requests.Response) -> str:
     return f" ({match[1]} bytes)" if match else ""
 
 
-def _incomplete_read() -> type[BaseException]:
-    import http.client  # loaded by now: by requests or by lazyfs.source.light
-
-    return http.client.IncompleteRead
-
-
 def _reason(exc: BaseException) -> str:
     """The innermost readable cause ("Connection refused"), found by walking the exception
     chain. requests' own messages quote the URL, which may carry a signed query string, so
@@ -643,7 +633,7 @@ def _reason(exc: BaseException) -> str:
             # here. Not urllib3's TimeoutError: NewConnectionError, a refused connection, is
             # one; nor ETIMEDOUT, whose strerror says what it is.)
             return "timed out waiting for more bytes"
-        if isinstance(current, _incomplete_read()):
+        if isinstance(current, http.client.IncompleteRead):
             # A cut connection: its message (urllib3's ProtocolError) names no cause we can show.
             return "the server closed the connection before the end of the body"
         if isinstance(current, OSError) and isinstance(current.strerror, str):

@@ -40,6 +40,13 @@ def _is_redirect(status: int) -> bool:
     return status in _REDIRECT_STATUSES
 
 
+def timeout_text(timeout: float | tuple[float, float]) -> str:
+    """A timeout option as both clients' messages say it."""
+    if isinstance(timeout, (tuple, list)):
+        return f"{timeout[0]} s to connect or {timeout[1]} s to read"
+    return f"{timeout} s"
+
+
 def check_ca_cert(ca_cert: str | None) -> None:
     """A --ca-cert that is not there is the user's mistake: said at once, by both clients."""
     if ca_cert is not None and not os.path.isfile(ca_cert):
@@ -140,7 +147,7 @@ class LightConnection:
             raise FetchError(f"{where}: TLS error: {_tls_reason(exc)}") from exc
         except TimeoutError as exc:
             self._conn.close()
-            raise FetchError(f"{where}: {method} timed out after {self._timeout_text()}",
+            raise FetchError(f"{where}: {method} timed out after {timeout_text(self.timeout)}",
                              retriable=True) from exc
         except (OSError, http.client.HTTPException) as exc:
             self._conn.close()
@@ -158,10 +165,6 @@ class LightConnection:
             self._conn.sock.settimeout(self._read_s)
         return self._conn.getresponse()
 
-    def _timeout_text(self) -> str:
-        if isinstance(self.timeout, (tuple, list)):
-            return f"{self.timeout[0]} s to connect or {self.timeout[1]} s to read"
-        return f"{self.timeout} s"
 
 
 class LightResponse:
