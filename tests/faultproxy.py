@@ -8,7 +8,10 @@
 
 Faults (one active at a time, for `times` requests or until cleared, optionally only for
 requests that `match(method, path, headers)` accepts, and with `every=N` only for every Nth
-such request, to sprinkle a fault over a long run):
+such request, to sprinkle a fault over a long run; with `spare_retries=True`, never again for
+a request for the same path and Range as one it hit, so that a client's retry goes through:
+counting retries, `every=N` hits all of a request's attempts now and then, about (1/N)**retries
+per fault, which a test of faults being retried must not mistake for a bug):
 
     reset         close the client connection with a TCP reset, no answer
     delay         wait `seconds`, then forward normally
@@ -50,7 +53,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -77,7 +80,9 @@ class Fault:
     count: int = 3  # flip: bytes flipped (per part in a multipart answer)
     shift: int = 1  # wrong_range: how far each range moves
     lie: bool = False  # wrong_range: claim the asked-for Content-Range anyway
+    spare_retries: bool = False  # see the module doc
     matched: int = 0  # matching requests seen, for `every`
+    hit: set[tuple[str, str]] = field(default_factory=set)  # (path, Range) it applied to
 
 
 class FaultProxy(ThreadedHttpServer):
@@ -121,9 +126,14 @@ class FaultProxy(ThreadedHttpServer):
             multi_range = "," in headers.get("Range", "")
             if fault.kind in _MULTI_RANGE_KINDS and not multi_range:
                 return None
+            request = (path, headers.get("Range", ""))
+            if fault.spare_retries and request in fault.hit:
+                return None
             fault.matched += 1
             if (fault.matched - 1) % fault.every:
                 return None
+            if fault.spare_retries:
+                fault.hit.add(request)
             if fault.times is not None:
                 fault.times -= 1
                 if fault.times <= 0:
