@@ -876,10 +876,9 @@ WARM_UP_COMMANDS = (
 )
 
 
-def reset_page_cache(served: Path) -> float:
+def reset_page_cache(served: Path) -> None:
     """Empty the page cache (after a sync), then warm the tools and every file under `served`
-    (the web server's root, symlinks followed). The seconds it took."""
-    started = time.perf_counter()
+    (the web server's root, symlinks followed)."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("1\n")
@@ -890,7 +889,6 @@ def reset_page_cache(served: Path) -> float:
             with contextlib.suppress(OSError), open(os.path.join(root, name), "rb") as f:
                 while f.read(1 << 20):
                     pass
-    return time.perf_counter() - started
 
 
 def unavailable_modes(args, built, rec_missing, ratarmount_reason) -> dict[tuple[str, str], str]:
