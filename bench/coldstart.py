@@ -1,7 +1,8 @@
 """Cold-start benchmark: time until a program's first output from an image on a slow network.
 
     sudo python3 bench/coldstart.py [--images python,numpy] [--runs 3] [--rate-mbit 100]
-        [--rtt-ms 20] [--modes full-pull,lazyfs,lazyfs-rec,ratarmount,ratarmount-idx]
+        [--rtt-ms 20] [--format zstd:chunked|estargz]
+        [--modes full-pull,lazyfs,lazyfs-rec,ratarmount,ratarmount-idx]
         [--ratarmount-runs 1] [--ratarmount-timeout 150] [--timeout 300]
         [--cache-dir /var/cache/lazyfs-bench] [--json PATH] [--chart PATH]
 
@@ -25,7 +26,9 @@ Modes, for each image and its workload (python: `python3 -c 'print("hello")'`):
                   program started by chroot (lazyfs.run.start_in_image: the same overlay,
                   /proc, /dev, /sys and chroot that `lazyfs run` uses)
   lazyfs          `lazyfs run URL -- CMD` on the converted image, fresh --cache-dir, with
-                  --no-prefetch when lazyfs has that option
+                  --no-prefetch when lazyfs has that option. Converted with `lazyfs convert
+                  --format FORMAT` (--format: zstd:chunked by default, or estargz), with the
+                  converter's default levels
   lazyfs-rec      `lazyfs record` once on the image (not timed), `lazyfs convert --prioritize`
                   with that list, then `lazyfs run` with a fresh cache and default options. When
                   lazyfs has no `record` command this mode is reported unavailable, not faked
@@ -656,7 +659,7 @@ def record_list(image: images.BuiltImage, scratch: Path) -> tuple[str | None, st
     out = Path(image.root) / "recorded.list"
     cache = Path(tempfile.mkdtemp(prefix="record-cache-", dir=scratch))
     argv = lazyfs_argv("record", "--output", str(out), "--cache-dir", str(cache),
-                       f"{image.esgz_layout}:{images.TAG}", "--", *image.spec.workload)
+                       f"{image.lazy_layout}:{images.TAG}", "--", *image.spec.workload)
     try:
         result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, timeout=RUN_TIMEOUT_S,
                                 env={**os.environ, "LAZYFS_RUN_DIR": str(scratch)})
@@ -795,7 +798,7 @@ def prepare_images(args, features: Features, scratch: Path) -> tuple[dict, dict]
     for name in args.images:
         log(f"image {name}:")
         image = images.build_image(Path(args.cache_dir), images.IMAGES[name], args.suite, args.mirror)
-        images.convert_plain(image)
+        images.convert_plain(image, args.format)
         if not features.record:
             rec_missing[name] = features.record_reason
         elif "lazyfs-rec" in args.modes:
@@ -806,18 +809,18 @@ def prepare_images(args, features: Features, scratch: Path) -> tuple[dict, dict]
                 rec_missing[name] = reason
         built[name] = image
         log(f"  {image.tar_bytes / MB:.1f} MB in {image.files:,} files; gzip layer "
-            f"{image.layer_bytes / MB:.1f} MB; eStargz {image.esgz_bytes / MB:.1f} MB"
+            f"{image.layer_bytes / MB:.1f} MB; {image.layer_format} {image.lazy_bytes / MB:.1f} MB"
             + (f"; recorded list: {image.rec_files} files" if image.rec_layout else ""))
     return built, rec_missing
 
 
 def publish(www: Path, built: dict[str, images.BuiltImage], indexes: dict[str, str]) -> dict[str, str]:
-    """Symlinks under the web root: <image>/gzip, /esgz, /rec and /ratarmount/<index>."""
+    """Symlinks under the web root: <image>/gzip, /lazy, /rec and /ratarmount/<index>."""
     urls = {}
     for name, image in built.items():
         (www / name).mkdir(parents=True)
         (www / name / "gzip").symlink_to(image.gzip_layout)
-        (www / name / "esgz").symlink_to(image.esgz_layout)
+        (www / name / "lazy").symlink_to(image.lazy_layout)
         if image.rec_layout:
             (www / name / "rec").symlink_to(image.rec_layout)
         if name in indexes:
@@ -835,7 +838,7 @@ def run_mode(ctx: Context, image: images.BuiltImage, mode: str, run: int) -> Run
         if mode == "full-pull":
             run_full_pull(ctx, image, result)
         elif mode == "lazyfs":
-            run_lazyfs(ctx, image, result, "esgz", ctx.features.run_flags_no_prefetch)
+            run_lazyfs(ctx, image, result, "lazy", ctx.features.run_flags_no_prefetch)
         elif mode == "lazyfs-rec":
             run_lazyfs(ctx, image, result, "rec", [])
         elif mode == "ratarmount":
@@ -976,7 +979,7 @@ def print_table(summaries: list[ModeSummary], built: dict, bounds: dict, runs: d
         spec, bound = image.spec, bounds.get(name)
         print(f"\nimage {name}: Debian {suite_of(image)} minbase + {', '.join(spec.packages)}: "
               f"{image.tar_bytes / MB:.1f} MB in {image.files:,} files; gzip layer "
-              f"{image.layer_bytes / MB:.1f} MB; eStargz {image.esgz_bytes / MB:.1f} MB", file=out)
+              f"{image.layer_bytes / MB:.1f} MB; {image.layer_format} {image.lazy_bytes / MB:.1f} MB", file=out)
         print(f"workload: {workload_text(spec)}" + (
             f" (opens {len(bound.files)} files of the image, {bound.file_bytes / MB:.1f} MB, "
             f"{bound.wire_bytes / MB:.1f} MB as gzip -9)" if bound else ""), file=out)
@@ -1141,7 +1144,8 @@ def write_chart(summaries: list[ModeSummary], names: list[str], link: netem.Link
     log(f"chart written to {path}")
 
 
-def conditions(link: netem.LinkSpec, ratarmount_version: str, features: Features) -> dict:
+def conditions(link: netem.LinkSpec, layer_format: str, ratarmount_version: str,
+               features: Features) -> dict:
     def first_line(argv: list[str]) -> str:
         try:
             result = subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
@@ -1171,7 +1175,7 @@ def conditions(link: netem.LinkSpec, ratarmount_version: str, features: Features
         "kernel": platform.release(), "os": os_release, "python": platform.python_version(),
         "lazyfs": first_line(["git", "rev-parse", "--short", "HEAD"])
                   + (" + uncommitted changes" if dirty else ""),
-        "lazyfs_record": features.record, "lazyfs_flags_no_prefetch": features.run_flags_no_prefetch,
+        "lazyfs_format": layer_format, "lazyfs_record": features.record, "lazyfs_flags_no_prefetch": features.run_flags_no_prefetch,
         "nginx": first_line([NGINX, "-v"]), "curl": first_line(["curl", "--version"]),
         "ratarmount": ratarmount_version,
         "link": {"rate_mbit": link.rate_mbit, "rtt_ms": link.rtt_ms,
@@ -1184,7 +1188,7 @@ def conditions(link: netem.LinkSpec, ratarmount_version: str, features: Features
 def print_conditions(cond: dict, out=sys.stdout) -> None:
     print("conditions:", file=out)
     for key in ("date", "cpu", "cores", "memory_gib", "kernel", "os", "python", "lazyfs",
-                "lazyfs_record", "lazyfs_flags_no_prefetch", "nginx", "curl", "ratarmount",
+                "lazyfs_format", "lazyfs_record", "lazyfs_flags_no_prefetch", "nginx", "curl", "ratarmount",
                 "load_average_at_start", "load_average"):
         print(f"  {key:<25}{cond.get(key)}", file=out)
     link = cond["link"]
@@ -1210,6 +1214,9 @@ def parse_args(argv: list[str] | None):
                              "reported as '> LIMIT' (default 150)")
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link bandwidth (default 100)")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="link round trip (default 20)")
+    parser.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked",
+                        help="what the lazyfs modes' images are converted to (default zstd:chunked, "
+                             "the faster to start of the two; see docs/benchmarks.md)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help=f"images, conversions, ratarmount venv (default {DEFAULT_CACHE})")
     parser.add_argument("--suite", default=images.DEFAULT_SUITE, help="Debian suite (default bookworm)")
@@ -1315,7 +1322,7 @@ def run_benchmark(args, link: netem.LinkSpec, cache: Path, scratch: Path, featur
             server.stop()
 
     summaries = summarize(results, list(built), args.modes, unavailable, bounds, limits)
-    cond = conditions(link, ratarmount_info or "not used", features)
+    cond = conditions(link, args.format, ratarmount_info or "not used", features)
     cond["load_average_at_start"] = load_at_start
     cond["runs"] = runs
     cond["time_limits_s"] = limits

@@ -5,7 +5,8 @@
     layer    one gzip layer of that tree (a deterministic PAX tar, `gzip -n -6` as docker and
              containerd compress by default), written to a file and never held in memory
     gzip     an OCI image layout with that layer: what a registry serves today
-    esgz     `lazyfs convert` of it; esgz-rec the same with `--prioritize LIST`
+    FMT      `lazyfs convert --format` of it (esgz-: eStargz, zstd-: zstd:chunked); rec-FMT-
+             the same with `--prioritize LIST`
 
 Everything lands under CACHE/images/<name>-<key>/, where the key covers what the content
 depends on (suite, packages; the converter's source for the converted layouts), so a rerun
@@ -71,13 +72,14 @@ class BuiltImage:
     layer_bytes: int  # compressed
     tar_bytes: int  # uncompressed layer
     files: int  # regular files in the tree
-    esgz_layout: str = ""
-    esgz_bytes: int = 0  # the converted layer blob
+    layer_format: str = ""  # what `lazyfs convert --format` wrote: estargz or zstd:chunked
+    lazy_layout: str = ""  # the converted image
+    lazy_bytes: int = 0  # its layer blob
     convert_seconds: float = 0.0
     rec_layout: str = ""  # converted with a recorded list ("" when there is none)
     rec_list: str = ""
     rec_files: int = 0
-    rec_esgz_bytes: int = 0
+    rec_lazy_bytes: int = 0
 
     def summary(self) -> dict:
         out = asdict(self)
@@ -272,13 +274,14 @@ def _layer_blob_bytes(layout: str) -> int:
 
 
 def convert(image: BuiltImage, name: str, prioritize: str | None = None) -> tuple[str, float]:
-    """`lazyfs convert` of the gzip layout into ROOT/<name>; cached. (layout, seconds)."""
+    """`lazyfs convert --format image.layer_format` of the gzip layout into ROOT/<name>;
+    cached. (layout, seconds)."""
     out = Path(image.root) / name
     timing = out.with_name(out.name + ".seconds")
     if out.exists() and timing.exists():
         return str(out), float(timing.read_text())
     shutil.rmtree(out, ignore_errors=True)
-    argv = _lazyfs("convert", "--no-progress")
+    argv = _lazyfs("convert", "--no-progress", "--format", image.layer_format)
     if prioritize:
         argv += ["--prioritize", prioritize]
     argv += [f"{image.gzip_layout}:{TAG}", str(out)]
@@ -290,22 +293,31 @@ def convert(image: BuiltImage, name: str, prioritize: str | None = None) -> tupl
     return str(out), seconds
 
 
-def convert_plain(image: BuiltImage) -> None:
-    key = converter_key()
-    _remove_stale(Path(image.root), "esgz-", keep=f"esgz-{key}")
-    image.esgz_layout, image.convert_seconds = convert(image, f"esgz-{key}")
-    image.esgz_bytes = _layer_blob_bytes(image.esgz_layout)
+def _format_tag(layer_format: str) -> str:
+    return {"estargz": "esgz", "zstd:chunked": "zstd"}[layer_format]
+
+
+def convert_plain(image: BuiltImage, layer_format: str) -> None:
+    """Convert into ROOT/<format>-<converter key>."""
+    image.layer_format = layer_format
+    prefix = f"{_format_tag(layer_format)}-"
+    key = prefix + converter_key()
+    _remove_stale(Path(image.root), prefix, keep=key)
+    image.lazy_layout, image.convert_seconds = convert(image, key)
+    image.lazy_bytes = _layer_blob_bytes(image.lazy_layout)
 
 
 def convert_recorded(image: BuiltImage, list_path: str) -> None:
-    """Convert with the recorded list; keyed by the converter and the list's content."""
-    key = f"{converter_key()}-{hashlib.sha256(Path(list_path).read_bytes()).hexdigest()[:8]}"
-    _remove_stale(Path(image.root), "rec-", keep=f"rec-{key}")
-    image.rec_layout, _ = convert(image, f"rec-{key}", prioritize=list_path)
+    """Convert with the recorded list, in the format of convert_plain; keyed by the format, the
+    converter and the list's content."""
+    prefix = f"rec-{_format_tag(image.layer_format)}-"
+    key = f"{prefix}{converter_key()}-{hashlib.sha256(Path(list_path).read_bytes()).hexdigest()[:8]}"
+    _remove_stale(Path(image.root), prefix, keep=key)
+    image.rec_layout, _ = convert(image, key, prioritize=list_path)
     image.rec_list = list_path
     image.rec_files = sum(1 for line in Path(list_path).read_text().splitlines()
                           if line.strip() and not line.startswith("#"))
-    image.rec_esgz_bytes = _layer_blob_bytes(image.rec_layout)
+    image.rec_lazy_bytes = _layer_blob_bytes(image.rec_layout)
 
 
 def _remove_stale(root: Path, prefix: str, keep: str) -> None:

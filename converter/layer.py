@@ -31,7 +31,7 @@ from converter.tarinput import (Member, payload_reader, plain_tar, raw_header, r
                                 scan_members, synthetic_member)
 from lazyfs.errors import NotFound
 from lazyfs.format import oci, zstdchunked
-from lazyfs.format.codec import codec_for
+from lazyfs.format.codec import codec_for, startup_codec_for
 from lazyfs.format.seekable import FORMATS
 from lazyfs.format.estargz import (LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
                                    TOC_TAR_NAME, build_toc_blob, sha256_digest)
@@ -48,6 +48,11 @@ _EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
 class LayerOptions:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     compression_level: int | None = None  # default: 9 for estargz (gzip), 3 for zstd:chunked
+    # What a cold mount waits for before its program runs, the TOC and the prioritized files
+    # (before `.prefetch.landmark`), is compressed at this level: every byte of it is on the
+    # link before the first output, and it is a small part of a layer, so a slow, strong level
+    # costs little conversion time. Default: 9 for estargz, 19 for zstd:chunked.
+    startup_compression_level: int | None = None
     format: str = "estargz"
     prioritized_files: tuple[str, ...] = ()
     missing_prioritized_ok: bool = False  # image mode: a listed file may be in another layer
@@ -99,13 +104,14 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _ordered_items(ordering) -> Iterator[tuple[Member, bytes | None]]:
-    """Members in output order, each with its payload if it is synthetic (the landmark)."""
+def _ordered_items(ordering) -> Iterator[tuple[Member, bytes | None, bool]]:
+    """Members in output order, each with its payload if it is synthetic (the landmark) and
+    whether it is prioritized (before the landmark)."""
     for member in ordering.members:
-        yield member, None
-    yield synthetic_member(ordering.landmark, LANDMARK_CONTENTS)
+        yield member, None, True
+    yield *synthetic_member(ordering.landmark, LANDMARK_CONTENTS), False
     for member in ordering.rest:
-        yield member, None
+        yield member, None, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +122,7 @@ def _ordered_items(ordering) -> Iterator[tuple[Member, bytes | None]]:
 class _Segment:
     data: bytes
     chunk_entries: list[TOCEntry] = field(default_factory=list)  # start at this segment's offset
+    startup: bool = False  # it starts with a prioritized file's bytes or header
 
 
 class _Segmenter:
@@ -130,17 +137,25 @@ class _Segmenter:
         self.entries: list[TOCEntry] = []
         self._pending = bytearray()
         self._pending_entries: list[TOCEntry] = []
+        self._pending_startup = False  # the pending segment started in a prioritized member
+        self._member_startup = False  # the member being cut is prioritized
         self._last_user: dict[int, str] = {}
         self._last_group: dict[int, str] = {}
 
     def segments(self, items) -> Iterator[_Segment]:
-        for member, synthetic_payload in items:
+        for member, synthetic_payload, startup in items:
+            self._member_startup = startup
             yield from self._member(member, synthetic_payload)
         if self._pending:
             yield self._cut()
 
+    def _append(self, data: bytes) -> None:
+        if not self._pending:
+            self._pending_startup = self._member_startup
+        self._pending += data
+
     def _cut(self) -> _Segment:
-        segment = _Segment(bytes(self._pending), self._pending_entries)
+        segment = _Segment(bytes(self._pending), self._pending_entries, self._pending_startup)
         self._pending = bytearray()
         self._pending_entries = []
         return segment
@@ -148,7 +163,7 @@ class _Segmenter:
     def _member(self, member: Member, synthetic_payload: bytes | None) -> Iterator[_Segment]:
         info = member.info
         entry = self._toc_entry(info)
-        self._pending += raw_header(self.tar_file, member)
+        self._append(raw_header(self.tar_file, member))
         if entry.type == "reg" and info.size == 0:
             entry.digest = _EMPTY_DIGEST
         if entry.type != "reg" or info.size == 0:
@@ -179,13 +194,13 @@ class _Segmenter:
             entry.chunk_digest = "sha256:" + hashlib.sha256(data).hexdigest()
             if self._pending:  # the chunk starts a new member
                 yield self._cut()
-            self._pending += data
+            self._append(data)
             self._pending_entries.append(entry)
             self.entries.append(entry)
             file_offset += length
             if self.isolate_payloads:
                 yield self._cut()
-        self._pending += b"\0" * (-info.size % tarfile.BLOCKSIZE)
+        self._append(b"\0" * (-info.size % tarfile.BLOCKSIZE))
         file_entry.digest = "sha256:" + file_digest.hexdigest()
 
     def _toc_entry(self, info: tarfile.TarInfo) -> TOCEntry:
@@ -230,15 +245,16 @@ class _EstargzFraming:
     media_type = oci.OCI_LAYER_GZIP
     isolate_payloads = False  # padding and following headers ride in the chunk's member
 
-    def __init__(self, level: int | None):
+    def __init__(self, level: int | None, startup_level: int | None):
         self.codec = codec_for("gzip", level)
+        self.startup_codec = startup_codec_for("gzip", startup_level)
 
     def final_segments(self) -> list[_Segment]:
         return []  # the tar end-of-archive is part of the TOC member
 
     def finish(self, entries: list[TOCEntry], data_end: int) -> tuple[bytes, bytes, str, dict]:
         """(tail to append, what it inflates to, TOC digest, format-specific annotations)"""
-        toc_blob = build_toc_blob(TOC(entries=entries), data_end, self.codec)
+        toc_blob = build_toc_blob(TOC(entries=entries), data_end, self.startup_codec)
         # The TOC member starts where the data ends: readers fetch exactly the tail then.
         return (toc_blob.tail, toc_blob.uncompressed, toc_blob.toc_digest,
                 {oci.ANNOTATION_TOC_OFFSET: str(data_end)})
@@ -252,8 +268,9 @@ class _ZstdChunkedFraming:
     media_type = oci.OCI_LAYER_ZSTD
     isolate_payloads = True
 
-    def __init__(self, level: int | None):
+    def __init__(self, level: int | None, startup_level: int | None):
         self.codec = codec_for("zstd", level)
+        self.startup_codec = startup_codec_for("zstd", startup_level)
 
     def final_segments(self) -> list[_Segment]:
         # The TOC is not in the tar stream, so the tar's end-of-archive gets its own frame.
@@ -261,7 +278,7 @@ class _ZstdChunkedFraming:
 
     def finish(self, entries: list[TOCEntry], data_end: int) -> tuple[bytes, bytes, str, dict]:
         _extend_file_end_offsets(entries)
-        frames = zstdchunked.build_toc_frames(TOC(entries=entries), data_end, self.codec)
+        frames = zstdchunked.build_toc_frames(TOC(entries=entries), data_end, self.startup_codec)
         location = frames.location
         annotations = {
             zstdchunked.ANNOTATION_MANIFEST_CHECKSUM: sha256_digest(frames.compressed_toc),
@@ -286,10 +303,11 @@ def _extend_file_end_offsets(entries: list[TOCEntry]) -> None:
 
 
 def _framing(options: LayerOptions):
+    levels = options.compression_level, options.startup_compression_level
     if options.format == "estargz":
-        return _EstargzFraming(options.compression_level)
+        return _EstargzFraming(*levels)
     if options.format == "zstd:chunked":
-        return _ZstdChunkedFraming(options.compression_level)
+        return _ZstdChunkedFraming(*levels)
     raise ValueError(f"unknown format {options.format!r}; choose from {', '.join(FORMATS)}")
 
 
@@ -304,7 +322,6 @@ def _prefetch_end(entries: list[TOCEntry]) -> int | None:
 
 def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     framing = _framing(options)
-    codec = framing.codec
     segmenter = _Segmenter(tar_file, tar, options.chunk_size, framing.isolate_payloads)
     # The cores this process may run on (taskset, cgroups), not every core of the machine.
     workers = options.workers or len(os.sched_getaffinity(0))
@@ -329,6 +346,7 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
             segments = itertools.chain(segmenter.segments(items), framing.final_segments())
             for segment in segments:
                 diff_hash.update(segment.data)
+                codec = framing.startup_codec if segment.startup else framing.codec
                 in_flight.append((segment, pool.submit(codec.compress, segment.data)))
                 while len(in_flight) > 2 * workers:
                     done_segment, future = in_flight.popleft()

@@ -89,6 +89,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="estargz (gzip members, the default) or zstd:chunked (zstd frames)")
     convert.add_argument("--compression-level", type=int, metavar="N",
                          help="gzip 0-9 (default 9, as the reference uses) or zstd 1-22 (default 3)")
+    convert.add_argument("--startup-compression-level", type=int, metavar="N",
+                         help="level for what a cold mount waits for, the TOC and the prioritized "
+                              "files (default 9 for estargz, 19 for zstd:chunked)")
     convert.add_argument("--prioritize", metavar="LIST",
                          help="file of paths (one per line, in access order) to put first for prefetch")
     convert.add_argument("--workers", type=_positive_int, metavar="N",
@@ -453,11 +456,13 @@ def _cmd_convert(args) -> int:
     from converter.layer import LayerOptions, convert_layer
     from converter import inputs
 
-    _check_level(args.format, args.compression_level)
+    _check_level(args.format, "--compression-level", args.compression_level)
+    _check_level(args.format, "--startup-compression-level", args.startup_compression_level)
     options = LayerOptions(
         format=args.format,
         chunk_size=args.chunk_size,
         compression_level=args.compression_level,
+        startup_compression_level=args.startup_compression_level,
         prioritized_files=_read_prioritized(args.prioritize),
         workers=args.workers,
     )
@@ -472,16 +477,16 @@ def _cmd_convert(args) -> int:
     image = convert_image(args.source, args.destination, archive=args.archive,
                           options=_image_options(options), progress=args.progress,
                           sources=_source_options(args))
-    print(f"wrote {args.destination}: {len(image.layers)} eStargz layers, manifest "
+    print(f"wrote {args.destination}: {len(image.layers)} {args.format} layers, manifest "
           f"{image.manifest_digest}" + (f", tag {image.tag}" if image.tag else ""), file=sys.stderr)
     print(image.manifest_digest)
     return 0
 
 
-def _check_level(layer_format: str, level: int | None) -> None:
+def _check_level(layer_format: str, option: str, level: int | None) -> None:
     low, high = (0, 9) if layer_format == "estargz" else (1, 22)
     if level is not None and not low <= level <= high:
-        raise UsageError(f"--compression-level for {layer_format} must be {low}..{high}, not {level}")
+        raise UsageError(f"{option} for {layer_format} must be {low}..{high}, not {level}")
 
 
 def _image_options(options):

@@ -87,6 +87,26 @@ def test_missing_prioritized_file(tmp_path, layer_tar):
     assert not (tmp_path / "out.esgz").exists()
 
 
+def test_startup_compression_level_shrinks_the_prioritized_files_and_is_checked(tmp_path):
+    words = [os.urandom(6).hex() for _ in range(300)]
+    text = " ".join(words[(i * 7919) % 300] for i in range(40_000)).encode()
+    src = tar_of(tmp_path, file_("hot", text), file_("cold", os.urandom(1000)))
+    listing = tmp_path / "list.txt"
+    listing.write_text("hot\n")
+    sizes = {}
+    for level in ("1", "19"):
+        out = tmp_path / f"out-{level}"
+        result = lazyfs("convert", src, out, "--format", "zstd:chunked", "--prioritize", listing,
+                        "--compression-level", "1", "--startup-compression-level", level)
+        assert result.returncode == 0, result.stderr
+        sizes[level] = out.stat().st_size
+    assert sizes["19"] < sizes["1"]
+    result = lazyfs("convert", src, tmp_path / "bad", "--startup-compression-level", "19")
+    assert result.returncode == 2
+    assert "--startup-compression-level for estargz must be 0..9, not 19" in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     result = lazyfs("--debug", "inspect", tmp_path / "nothing")
     assert result.returncode == 4 and "Traceback" in result.stderr

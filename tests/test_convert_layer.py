@@ -14,6 +14,7 @@ from converter.layer import LayerOptions, convert_layer
 from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.errors import FormatError, NotFound, VerificationError
 from lazyfs.format import zstdchunked
+from lazyfs.format.codec import GzipCodec, ZstdCodec, codec_for, startup_codec_for
 from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
 from lazyfs.format.seekable import MAX_FOOTER_SIZE
 from lazyfs.verify import LayerCheck, verify_layer
@@ -178,6 +179,54 @@ def test_prioritized_files_come_first_with_parents_and_link_targets(tmp_path, la
     assert order == ["usr", "usr/bin", "lib", "lib/libc", "usr/bin/b", "z", ".prefetch.landmark",
                      "usr/bin/a", "usr/bin/c"]
     assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
+
+
+# Levels whose output differs on the text below: each member tells which level made it.
+LEVELS = {"estargz": (1, 9), "zstd:chunked": (1, 19)}
+
+
+def _recompressed(member: bytes, layer_format: str, level: int) -> bytes:
+    """The member's whole content compressed again by our codec at `level`."""
+    if layer_format == "estargz":
+        return GzipCodec(level).compress(zlib.decompressobj(31).decompress(member))
+    return ZstdCodec(level).compress(zstandard.ZstdDecompressor().decompress(member))
+
+
+def test_toc_and_prioritized_files_get_the_startup_level(tmp_path, layer_format):
+    """What a cold mount waits for (the TOC, the files before the landmark) is compressed at
+    the startup level, everything else at the layer's level; readers see no difference."""
+    level, startup_level = LEVELS[layer_format]
+    words = [os.urandom(6).hex().encode() for _ in range(300)]
+    text = b" ".join(words[(i * 7919) % 300] for i in range(40_000))  # compressible, not trivially
+    src = tar_of(tmp_path, file_("hot", text), file_("cold", text), file_("warm", text[:5000]))
+    out, result = convert(tmp_path, layer_format, src, prioritized_files=("hot", "warm"),
+                          compression_level=level, startup_compression_level=startup_level)
+    blob = out.read_bytes()
+    with LocalBlob(str(out)) as local:
+        layer = SeekableLayer.open(local)
+        files = {item.path: item for item in layer.entries}
+        for path, expected_level in (("hot", startup_level), ("warm", startup_level),
+                                     ("cold", level)):
+            for chunk in files[path].chunks:
+                member = blob[chunk.blob_offset:chunk.blob_end]
+                assert member == _recompressed(member, layer_format, expected_level), path
+            content = text[:5000] if path == "warm" else text
+            assert b"".join(layer.read_chunk(c) for c in files[path].chunks) == content
+    if layer_format == "estargz":
+        toc_start = parse_footer(blob[-FOOTER_SIZE:]).toc_blob_offset
+        toc_member = blob[toc_start:len(blob) - FOOTER_SIZE]
+    else:
+        location = zstdchunked.parse_footer(blob[-zstdchunked.FOOTER_SIZE:])
+        toc_member = blob[location.offset:location.offset + location.compressed_size]
+    assert toc_member == _recompressed(toc_member, layer_format, startup_level)
+    verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, blob_digest=result.blob_digest,
+                                      diff_id=result.diff_id, uncompressed_size=result.uncompressed_size))
+
+
+def test_startup_level_defaults_to_the_strongest_fast_decoding_level():
+    assert startup_codec_for("zstd").level == 19
+    assert startup_codec_for("gzip").level == 9
+    assert codec_for("zstd").level == 3
 
 
 def test_missing_prioritized_file_is_an_error_and_leaves_nothing(tmp_path, layer_format):

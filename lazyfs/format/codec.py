@@ -150,10 +150,28 @@ class ZstdCodec:
         return b"".join(parts)
 
 
+# Default levels by codec name. The startup level compresses what a cold mount waits for (the
+# TOC and the prioritized files), where each byte saved is time saved and the strongest level
+# that still decodes fast pays. zstd 19 makes the python benchmark image's prioritized files
+# 17% smaller than level 3 (3.62 against 4.38 MB; gzip 9: 4.27 MB) and decodes as fast, for
+# ~0.25 s of one core per MB at conversion. Levels 20-22 ("ultra") gain nothing more there and
+# need a larger window at decode.
+DEFAULT_LEVELS = {"gzip": 9, "zstd": 3}
+DEFAULT_STARTUP_LEVELS = {"gzip": 9, "zstd": 19}
+
+
 def codec_for(name: str, level: int | None = None):
     """The codec of a format by its name ("gzip" or "zstd"), at `level` or the format's default."""
-    if name == "gzip":
-        return GzipCodec(9 if level is None else level)
-    if name == "zstd":
-        return ZstdCodec(3 if level is None else level)
-    raise ValueError(f"unknown codec {name!r}")
+    return _codec(name, DEFAULT_LEVELS, level)
+
+
+def startup_codec_for(name: str, level: int | None = None):
+    """The codec for what a cold mount waits for, at `level` or the startup default."""
+    return _codec(name, DEFAULT_STARTUP_LEVELS, level)
+
+
+def _codec(name: str, defaults: dict[str, int], level: int | None):
+    if name not in defaults:
+        raise ValueError(f"unknown codec {name!r}")
+    level = defaults[name] if level is None else level
+    return GzipCodec(level) if name == "gzip" else ZstdCodec(level)
