@@ -3,7 +3,7 @@
     python bench/convert.py [--input TAR] [--level 9] [--chunk-size 4194304]
                             [--cores N] [--runs 2] [--json PATH]
 
-Both converters get the same tar, compression level, chunk size and CPU set
+Both converters get the same tar, compression level (for the TOC too), chunk size and CPU set
 (`taskset -c 0-(N-1)`; GOMAXPROCS=N for Go, whose Build splits the layer
 into GOMAXPROCS parts compressed in parallel). Each is run --runs times,
 alternating between the two so drift on the machine hits both, and the best
@@ -86,7 +86,9 @@ def measure_format(fmt: str, level: int, src: Path, args, esgzcheck: Path, env: 
     outs = {"lazyfs": work / "ours.blob", "go-reference": work / "go.blob"}
     cmds = {
         "lazyfs": [*pin, sys.executable, "-m", "lazyfs", "convert", src, outs["lazyfs"],
-                   "--format", fmt, "--compression-level", level, "--chunk-size", args.chunk_size],
+                   "--format", fmt, "--compression-level", level,
+                   # The same level for the TOC too, as the reference compresses it.
+                   "--startup-compression-level", level, "--chunk-size", args.chunk_size],
         "go-reference": [*pin, esgzcheck, "build", src, outs["go-reference"], "-format",
                          GO_FORMAT[fmt], "-level", level, "-chunk-size", args.chunk_size],
     }
