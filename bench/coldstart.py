@@ -1101,7 +1101,7 @@ CHART_COLORS = {"full-pull": "#9e9e9e", "lazyfs": "#64b5f6", "lazyfs-rec": "#156
 
 
 def write_chart(summaries: list[ModeSummary], names: list[str], link: netem.LinkSpec,
-                runs: dict[str, int], path: str) -> None:
+                layer_format: str, runs: dict[str, int], path: str) -> None:
     """Horizontal bars per image, log scale; modes over their time limit hatched at it."""
     try:
         import matplotlib
@@ -1137,7 +1137,8 @@ def write_chart(summaries: list[ModeSummary], names: list[str], link: netem.Link
         ax.set_xlim(smallest / 2, max(values) * 4)
         ax.set_xlabel("seconds to the program's first output (log scale; median, min-max whiskers)")
         ax.set_title(f"{name} image")
-    fig.suptitle(f"Cold start over an emulated {link.describe()} link ({runs_text(runs)})")
+    fig.suptitle(f"Cold start over an emulated {link.describe()} link ({runs_text(runs)})\n"
+                 f"lazyfs images: {layer_format}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1333,7 +1334,7 @@ def run_benchmark(args, link: netem.LinkSpec, cache: Path, scratch: Path, featur
     print_goals(goals)
     print_timelines(results, summaries)
     write_json(args.json, cond, built, bounds, summaries, results, goals)
-    write_chart(summaries, list(built), link, runs, args.chart)
+    write_chart(summaries, list(built), link, args.format, runs, args.chart)
     return 0
 
 
