@@ -2,12 +2,12 @@
 
     sudo python3 bench/coldstart.py [--images python,numpy] [--runs 3] [--rate-mbit 100]
         [--rtt-ms 20] [--format zstd:chunked|estargz]
-        [--modes full-pull,lazyfs,lazyfs-rec,ratarmount,ratarmount-idx]
+        [--modes full-pull,full-pull-zstd,lazyfs,lazyfs-rec,ratarmount,ratarmount-idx]
         [--ratarmount-runs 1] [--ratarmount-timeout 150] [--timeout 300]
         [--cache-dir /var/cache/lazyfs-bench] [--json PATH] [--chart PATH]
 
-Needs root (network namespace, tc, mounts, chroot), debootstrap, nginx, curl, strace, nsenter,
-fusermount3. The first run builds the images with debootstrap (a few minutes; cached under
+Needs root (network namespace, tc, mounts, chroot), debootstrap, nginx, curl, zstd, strace,
+nsenter, fusermount3. The first run builds the images with debootstrap (a few minutes; cached under
 --cache-dir, see bench/coldstart_images.py); ratarmount is installed into a venv there (pip:
 ratarmount, plus fsspec and aiohttp, the optional dependencies its http:// support needs).
 matplotlib, only for the chart, is optional: without it the chart is skipped with a message.
@@ -25,6 +25,9 @@ Modes, for each image and its workload (python: `python3 -c 'print("hello")'`):
                   extraction overlap: the best case of a pull), its digest checked, then the
                   program started by chroot (lazyfs.run.start_in_image: the same overlay,
                   /proc, /dev, /sys and chroot that `lazyfs run` uses)
+  full-pull-zstd  the same with the layer compressed by `zstd -3` instead of gzip (as docker,
+                  containerd and buildah write zstd layers), extracted with `tar --zstd`:
+                  what a pull costs once registries serve zstd; the goals stay against gzip's
   lazyfs          `lazyfs run URL -- CMD` on the converted image, fresh --cache-dir, with
                   --no-prefetch when lazyfs has that option. Converted with `lazyfs convert
                   --format FORMAT` (--format: zstd:chunked by default, or estargz), with the
@@ -103,6 +106,7 @@ GOAL_IMAGE = "python"
 
 MODES = {
     "full-pull": "full pull (curl | tar, chroot)",
+    "full-pull-zstd": "full pull, zstd layer",
     "lazyfs": "lazyfs run, no prefetch",
     "lazyfs-rec": "lazyfs run, recorded list",
     "ratarmount": "ratarmount, cold (builds index)",
@@ -110,8 +114,9 @@ MODES = {
     "lower-bound": "lower bound",
     "local": "local rootfs, warm (reference)",
 }
-TIMED_MODES = ("full-pull", "lazyfs", "lazyfs-rec", "ratarmount", "ratarmount-idx")
-REQUIRED_TOOLS = ("debootstrap", "nsenter", "ip", "tc", "curl", "tar", "gzip", "strace",
+TIMED_MODES = ("full-pull", "full-pull-zstd", "lazyfs", "lazyfs-rec", "ratarmount",
+               "ratarmount-idx")
+REQUIRED_TOOLS = ("debootstrap", "nsenter", "ip", "tc", "curl", "tar", "gzip", "zstd", "strace",
                   "fusermount3", "unshare")
 
 
@@ -473,13 +478,13 @@ def pull_documents(ctx: Context, base: str) -> tuple[dict, dict]:
     return manifest, config
 
 
-def download_and_extract(url: str, digest: str, dest: Path) -> None:
-    """curl → (sha256) → tar -xz: extraction overlaps the download, and the blob is checked
-    against its digest as a pull does (a mismatch fails the run)."""
+def download_and_extract(url: str, digest: str, dest: Path, decompress: str = "--gzip") -> None:
+    """curl → (sha256) → tar -x (--gzip or --zstd): extraction overlaps the download, and the
+    blob is checked against its digest as a pull does (a mismatch fails the run)."""
     import hashlib
 
     curl = subprocess.Popen(["curl", "-sSf", url], stdout=subprocess.PIPE)
-    tar = subprocess.Popen(["tar", "--numeric-owner", "-xpzf", "-", "-C", str(dest)],
+    tar = subprocess.Popen(["tar", "--numeric-owner", decompress, "-xpf", "-", "-C", str(dest)],
                            stdin=subprocess.PIPE)
     sha = hashlib.sha256()
     try:
@@ -496,7 +501,9 @@ def download_and_extract(url: str, digest: str, dest: Path) -> None:
         raise RuntimeError(f"{url}: digest mismatch")
 
 
-def run_full_pull(ctx: Context, image: images.BuiltImage, result: RunResult) -> None:
+def run_full_pull(ctx: Context, image: images.BuiltImage, result: RunResult,
+                  layout_name: str = "gzip") -> None:
+    """layout_name: "gzip" (the full-pull mode) or "zstd" (full-pull-zstd)."""
     from lazyfs.format import oci
 
     name = image.spec.name
@@ -505,10 +512,11 @@ def run_full_pull(ctx: Context, image: images.BuiltImage, result: RunResult) -> 
     scratch = None
     try:
         started = time.perf_counter()
-        manifest, config = pull_documents(ctx, f"{name}/gzip")
+        manifest, config = pull_documents(ctx, f"{name}/{layout_name}")
         for layer in manifest["layers"]:
-            download_and_extract(ctx.url(f"{name}/gzip/{oci.blob_relpath(layer['digest'])}"),
-                                 layer["digest"], dest)
+            download_and_extract(
+                ctx.url(f"{name}/{layout_name}/{oci.blob_relpath(layer['digest'])}"),
+                layer["digest"], dest, decompress=f"--{layout_name}")
         proc, scratch = start_program(str(dest), config, image.spec.workload)
         finish_run(ctx, result, started, proc, image.spec.expect, ctx.timeout_s)
     finally:
@@ -798,6 +806,8 @@ def prepare_images(args, features: Features, scratch: Path) -> tuple[dict, dict]
     for name in args.images:
         log(f"image {name}:")
         image = images.build_image(Path(args.cache_dir), images.IMAGES[name], args.suite, args.mirror)
+        if "full-pull-zstd" in args.modes:
+            images.build_zstd_layout(image)
         images.convert_plain(image, args.format)
         if not features.record:
             rec_missing[name] = features.record_reason
@@ -815,11 +825,13 @@ def prepare_images(args, features: Features, scratch: Path) -> tuple[dict, dict]
 
 
 def publish(www: Path, built: dict[str, images.BuiltImage], indexes: dict[str, str]) -> dict[str, str]:
-    """Symlinks under the web root: <image>/gzip, /lazy, /rec and /ratarmount/<index>."""
+    """Symlinks under the web root: <image>/gzip, /zstd, /lazy, /rec and /ratarmount/<index>."""
     urls = {}
     for name, image in built.items():
         (www / name).mkdir(parents=True)
         (www / name / "gzip").symlink_to(image.gzip_layout)
+        if image.zstd_layout:
+            (www / name / "zstd").symlink_to(image.zstd_layout)
         (www / name / "lazy").symlink_to(image.lazy_layout)
         if image.rec_layout:
             (www / name / "rec").symlink_to(image.rec_layout)
@@ -837,6 +849,8 @@ def run_mode(ctx: Context, image: images.BuiltImage, mode: str, run: int) -> Run
     try:
         if mode == "full-pull":
             run_full_pull(ctx, image, result)
+        elif mode == "full-pull-zstd":
+            run_full_pull(ctx, image, result, "zstd")
         elif mode == "lazyfs":
             run_lazyfs(ctx, image, result, "lazy", ctx.features.run_flags_no_prefetch)
         elif mode == "lazyfs-rec":
@@ -875,7 +889,7 @@ WARM_UP_COMMANDS = (
     [sys.executable, "-c", "import lazyfs.cli, lazyfs.run, lazyfs.mount, lazyfs.fetch, "
                            "lazyfs.fs, lazyfs.prefetch, lazyfs.source.http, trio, pyfuse3, "
                            "requests"],
-    ["tar", "--version"], ["gzip", "--version"], ["curl", "--version"],
+    ["tar", "--version"], ["gzip", "--version"], ["zstd", "--version"], ["curl", "--version"],
 )
 
 
@@ -1095,7 +1109,7 @@ def print_timelines(results: list[RunResult], summaries: list[ModeSummary], out=
             print(f"  ... and {later} more requests before the run ended", file=out)
 
 
-CHART_COLORS = {"full-pull": "#9e9e9e", "lazyfs": "#64b5f6", "lazyfs-rec": "#1565c0",
+CHART_COLORS = {"full-pull": "#9e9e9e", "full-pull-zstd": "#bdbdbd", "lazyfs": "#64b5f6", "lazyfs-rec": "#1565c0",
                 "ratarmount": "#ffb74d", "ratarmount-idx": "#ef6c00", "lower-bound": "#66bb6a",
                 "local": "#c8e6c9"}
 
@@ -1248,8 +1262,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("bench/coldstart.py needs root: network namespaces, tc, mounts and chroot")
     missing = missing_tools()
     if missing:
-        sys.exit(f"missing tools: {', '.join(missing)} (apt-get install debootstrap nginx-light curl "
-                 "strace util-linux iproute2 fuse3)")
+        sys.exit(f"missing tools: {', '.join(missing)} (apt-get install debootstrap nginx-light "
+                 "curl zstd strace util-linux iproute2 fuse3)")
     link = netem.LinkSpec(args.rate_mbit, args.rtt_ms)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)

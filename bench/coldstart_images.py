@@ -5,6 +5,7 @@
     layer    one gzip layer of that tree (a deterministic PAX tar, `gzip -n -6` as docker and
              containerd compress by default), written to a file and never held in memory
     gzip     an OCI image layout with that layer: what a registry serves today
+    zstd     the same with the layer compressed by `zstd -3` (layer.tar.zst), for the zstd pull
     FMT      `lazyfs convert --format` of it (esgz-: eStargz, zstd-: zstd:chunked); rec-FMT-
              the same with `--prioritize LIST`
 
@@ -72,6 +73,8 @@ class BuiltImage:
     layer_bytes: int  # compressed
     tar_bytes: int  # uncompressed layer
     files: int  # regular files in the tree
+    zstd_layout: str = ""  # the image with a zstd layer (build_zstd_layout)
+    zstd_layer_bytes: int = 0
     layer_format: str = ""  # what `lazyfs convert --format` wrote: estargz or zstd:chunked
     lazy_layout: str = ""  # the converted image
     lazy_bytes: int = 0  # its layer blob
@@ -205,25 +208,25 @@ def write_layer_tar(root: Path, out: Path) -> tuple[str, int, int]:
     return "sha256:" + writer.sha.hexdigest(), writer.size, files
 
 
-def write_gzip_layout(layout: Path, layer_gz: Path, diff_id: str, tag: str,
-                      runtime_config: dict) -> str:
-    """An OCI layout whose one layer is `layer_gz` (hard-linked, not copied or read into
+def write_layout(layout: Path, layer_blob: Path, media_type: str, diff_id: str, tag: str,
+                 runtime_config: dict) -> str:
+    """An OCI layout whose one layer is `layer_blob` (hard-linked, not copied or read into
     memory); returns the layer digest."""
     blobs = layout / "blobs" / "sha256"
     blobs.mkdir(parents=True)
-    digest = sha256_file(layer_gz)
+    digest = sha256_file(layer_blob)
     target = layout / oci.blob_relpath(digest)
     try:
-        os.link(layer_gz, target)
+        os.link(layer_blob, target)
     except OSError:
-        shutil.copyfile(layer_gz, target)
+        shutil.copyfile(layer_blob, target)
 
     def put(data: bytes, media_type: str, annotations=None) -> oci.Descriptor:
         descriptor = oci.descriptor_of(media_type, data, annotations)
         (layout / oci.blob_relpath(descriptor.digest)).write_bytes(data)
         return descriptor
 
-    layer = oci.Descriptor(oci.OCI_LAYER_GZIP, digest, layer_gz.stat().st_size)
+    layer = oci.Descriptor(media_type, digest, layer_blob.stat().st_size)
     config = {"architecture": host_platform().architecture, "os": "linux",
               "config": runtime_config,
               "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
@@ -251,13 +254,40 @@ def build_image(cache: Path, spec: ImageSpec, suite: str = DEFAULT_SUITE,
         tar_path.unlink()
         config = {"Env": [f"PATH={IMAGE_PATH}"], "Cmd": ["python3"]}
         partial = root / "gzip.partial"
-        digest = write_gzip_layout(partial, gz_path, diff_id, TAG, config)
+        digest = write_layout(partial, gz_path, oci.OCI_LAYER_GZIP, diff_id, TAG, config)
         partial.rename(root / "gzip")
         meta_path.write_text(json.dumps({"layer_digest": digest, "tar_bytes": tar_bytes,
                                          "files": files, "layer_bytes": gz_path.stat().st_size}))
     meta = json.loads(meta_path.read_text())
     return BuiltImage(spec, str(root), str(rootfs), str(root / "gzip"), meta["layer_digest"],
                       meta["layer_bytes"], meta["tar_bytes"], meta["files"])
+
+
+def build_zstd_layout(image: BuiltImage) -> None:
+    """ROOT/zstd: the same image with its layer compressed by `zstd -3` (the level docker,
+    containerd and buildah use for zstd layers) instead of gzip, for the zstd full pull."""
+    root = Path(image.root)
+    layout, zst_path = root / "zstd", root / "layer.tar.zst"
+    if not layout.exists():
+        _log(f"{image.spec.name}: writing the zstd layer and its OCI layout")
+        gzip_layout = Path(image.gzip_layout)
+        index = json.loads((gzip_layout / "index.json").read_text())
+        manifest = json.loads((gzip_layout / oci.blob_relpath(index["manifests"][0]["digest"]))
+                              .read_text())
+        config = json.loads((gzip_layout / oci.blob_relpath(manifest["config"]["digest"]))
+                            .read_text())
+        partial = root / "zstd.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        with open(root / "layer.tar.gz", "rb") as src, open(zst_path, "wb") as dst:
+            gunzip = subprocess.Popen(["gzip", "-dc"], stdin=src, stdout=subprocess.PIPE)
+            _check_call(["zstd", "-3", "-q", "-c"], stdin=gunzip.stdout, stdout=dst)
+            gunzip.stdout.close()
+            if gunzip.wait():
+                raise RuntimeError("gzip -dc of the layer failed")
+        write_layout(partial, zst_path, oci.OCI_LAYER_ZSTD, config["rootfs"]["diff_ids"][0], TAG,
+                     config["config"])
+        partial.rename(layout)
+    image.zstd_layout, image.zstd_layer_bytes = str(layout), zst_path.stat().st_size
 
 
 # --- conversions ---------------------------------------------------------------------------------
