@@ -993,7 +993,8 @@ def print_table(summaries: list[ModeSummary], built: dict, bounds: dict, runs: d
         spec, bound = image.spec, bounds.get(name)
         print(f"\nimage {name}: Debian {suite_of(image)} minbase + {', '.join(spec.packages)}: "
               f"{image.tar_bytes / MB:.1f} MB in {image.files:,} files; gzip layer "
-              f"{image.layer_bytes / MB:.1f} MB; {image.layer_format} {image.lazy_bytes / MB:.1f} MB", file=out)
+              f"{image.layer_bytes / MB:.1f} MB; {image.layer_format} "
+              f"{image.lazy_bytes / MB:.1f} MB", file=out)
         print(f"workload: {workload_text(spec)}" + (
             f" (opens {len(bound.files)} files of the image, {bound.file_bytes / MB:.1f} MB, "
             f"{bound.wire_bytes / MB:.1f} MB as gzip -9)" if bound else ""), file=out)
@@ -1109,8 +1110,8 @@ def print_timelines(results: list[RunResult], summaries: list[ModeSummary], out=
             print(f"  ... and {later} more requests before the run ended", file=out)
 
 
-CHART_COLORS = {"full-pull": "#9e9e9e", "full-pull-zstd": "#bdbdbd", "lazyfs": "#64b5f6", "lazyfs-rec": "#1565c0",
-                "ratarmount": "#ffb74d", "ratarmount-idx": "#ef6c00", "lower-bound": "#66bb6a",
+CHART_COLORS = {"full-pull": "#9e9e9e", "full-pull-zstd": "#bdbdbd", "lazyfs": "#64b5f6",
+                "lazyfs-rec": "#1565c0", "ratarmount": "#ffb74d", "ratarmount-idx": "#ef6c00", "lower-bound": "#66bb6a",
                 "local": "#c8e6c9"}
 
 
@@ -1190,7 +1191,8 @@ def conditions(link: netem.LinkSpec, layer_format: str, ratarmount_version: str,
         "kernel": platform.release(), "os": os_release, "python": platform.python_version(),
         "lazyfs": first_line(["git", "rev-parse", "--short", "HEAD"])
                   + (" + uncommitted changes" if dirty else ""),
-        "lazyfs_format": layer_format, "lazyfs_record": features.record, "lazyfs_flags_no_prefetch": features.run_flags_no_prefetch,
+        "lazyfs_format": layer_format, "lazyfs_record": features.record,
+        "lazyfs_flags_no_prefetch": features.run_flags_no_prefetch,
         "nginx": first_line([NGINX, "-v"]), "curl": first_line(["curl", "--version"]),
         "ratarmount": ratarmount_version,
         "link": {"rate_mbit": link.rate_mbit, "rtt_ms": link.rtt_ms,
@@ -1203,8 +1205,8 @@ def conditions(link: netem.LinkSpec, layer_format: str, ratarmount_version: str,
 def print_conditions(cond: dict, out=sys.stdout) -> None:
     print("conditions:", file=out)
     for key in ("date", "cpu", "cores", "memory_gib", "kernel", "os", "python", "lazyfs",
-                "lazyfs_format", "lazyfs_record", "lazyfs_flags_no_prefetch", "nginx", "curl", "ratarmount",
-                "load_average_at_start", "load_average"):
+                "lazyfs_format", "lazyfs_record", "lazyfs_flags_no_prefetch", "nginx", "curl",
+                "ratarmount", "load_average_at_start", "load_average"):
         print(f"  {key:<25}{cond.get(key)}", file=out)
     link = cond["link"]
     print(f"  {'link':<25}{link['rate_mbit']:g} Mbit/s, {link['rtt_ms']:g} ms RTT ({link['how']})", file=out)
@@ -1230,8 +1232,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--rate-mbit", type=float, default=100.0, help="link bandwidth (default 100)")
     parser.add_argument("--rtt-ms", type=float, default=20.0, help="link round trip (default 20)")
     parser.add_argument("--format", choices=("zstd:chunked", "estargz"), default="zstd:chunked",
-                        help="what the lazyfs modes' images are converted to (default zstd:chunked, "
-                             "the faster to start of the two; see docs/benchmarks.md)")
+                        help="what the lazyfs modes' images are converted to (default "
+                             "zstd:chunked, the faster to start of the two; docs/benchmarks.md)")
     parser.add_argument("--cache-dir", default=DEFAULT_CACHE,
                         help=f"images, conversions, ratarmount venv (default {DEFAULT_CACHE})")
     parser.add_argument("--suite", default=images.DEFAULT_SUITE, help="Debian suite (default bookworm)")

@@ -341,7 +341,8 @@ def convert_recorded(image: BuiltImage, list_path: str) -> None:
     """Convert with the recorded list, in the format of convert_plain; keyed by the format, the
     converter and the list's content."""
     prefix = f"rec-{_format_tag(image.layer_format)}-"
-    key = f"{prefix}{converter_key()}-{hashlib.sha256(Path(list_path).read_bytes()).hexdigest()[:8]}"
+    list_hash = hashlib.sha256(Path(list_path).read_bytes()).hexdigest()[:8]
+    key = f"{prefix}{converter_key()}-{list_hash}"
     _remove_stale(Path(image.root), prefix, keep=key)
     image.rec_layout, _ = convert(image, key, prioritize=list_path)
     image.rec_list = list_path

@@ -66,6 +66,12 @@ def convert(tmp_path, layer_format, tar_path, out_name="out.blob", **options):
     return out, result
 
 
+def verify_all_pins(out, result) -> None:
+    """verify_layer with every digest and size the conversion reported pinned."""
+    verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, blob_digest=result.blob_digest,
+                                      diff_id=result.diff_id, uncompressed_size=result.uncompressed_size))
+
+
 def test_extracts_to_the_same_tree_as_the_input(tmp_path, layer_format):
     src = tar_of(tmp_path, *every_feature())
     out, result = convert(tmp_path, layer_format, src)
@@ -73,8 +79,7 @@ def test_extracts_to_the_same_tree_as_the_input(tmp_path, layer_format):
     actual = tree_of(extract(out, tmp_path / "b", compression=layer_format), ignore=ESTARGZ_EXTRAS)
     assert actual == expected
     assert (tmp_path / "b" / "dup").read_bytes() == b"second wins"
-    verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, blob_digest=result.blob_digest,
-                                      diff_id=result.diff_id, uncompressed_size=result.uncompressed_size))
+    verify_all_pins(out, result)
 
 
 @pytest.mark.parametrize("tar_format", [tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
@@ -219,8 +224,7 @@ def test_toc_and_prioritized_files_get_the_startup_level(tmp_path, layer_format)
         location = zstdchunked.parse_footer(blob[-zstdchunked.FOOTER_SIZE:])
         toc_member = blob[location.offset:location.offset + location.compressed_size]
     assert toc_member == _recompressed(toc_member, layer_format, startup_level)
-    verify_layer(str(out), LayerCheck(toc_digest=result.toc_digest, blob_digest=result.blob_digest,
-                                      diff_id=result.diff_id, uncompressed_size=result.uncompressed_size))
+    verify_all_pins(out, result)
 
 
 def test_startup_level_defaults_to_the_strongest_fast_decoding_level():
