@@ -270,19 +270,18 @@ def build_zstd_layout(image: BuiltImage) -> None:
     layout, zst_path = root / "zstd", root / "layer.tar.zst"
     if not layout.exists():
         _log(f"{image.spec.name}: writing the zstd layer and its OCI layout")
-        gzip_layout = Path(image.gzip_layout)
-        index = json.loads((gzip_layout / "index.json").read_text())
-        manifest = json.loads((gzip_layout / oci.blob_relpath(index["manifests"][0]["digest"]))
-                              .read_text())
-        config = json.loads((gzip_layout / oci.blob_relpath(manifest["config"]["digest"]))
-                            .read_text())
+        manifest = _manifest(image.gzip_layout)
+        config = _blob_json(image.gzip_layout, manifest["config"]["digest"])
         partial = root / "zstd.partial"
         shutil.rmtree(partial, ignore_errors=True)
         with open(root / "layer.tar.gz", "rb") as src, open(zst_path, "wb") as dst:
             gunzip = subprocess.Popen(["gzip", "-dc"], stdin=src, stdout=subprocess.PIPE)
-            _check_call(["zstd", "-3", "-q", "-c"], stdin=gunzip.stdout, stdout=dst)
-            gunzip.stdout.close()
-            if gunzip.wait():
+            try:
+                _check_call(["zstd", "-3", "-q", "-c"], stdin=gunzip.stdout, stdout=dst)
+            finally:
+                gunzip.stdout.close()
+                gunzip_status = gunzip.wait()  # reaped even when zstd failed
+            if gunzip_status:
                 raise RuntimeError("gzip -dc of the layer failed")
         write_layout(partial, zst_path, oci.OCI_LAYER_ZSTD, config["rootfs"]["diff_ids"][0], TAG,
                      config["config"])
@@ -296,11 +295,19 @@ def converter_key() -> str:
     return source_hash("converter/*.py", "lazyfs/format/*.py")
 
 
+def _blob_json(layout: str, digest: str):
+    return json.loads(Path(layout, oci.blob_relpath(digest)).read_text())
+
+
+def _manifest(layout: str) -> dict:
+    """The manifest of the layout's one image."""
+    index = json.loads(Path(layout, "index.json").read_text())
+    return _blob_json(layout, index["manifests"][0]["digest"])
+
+
 def _layer_blob_bytes(layout: str) -> int:
     """Total size of the layer blobs of the layout's one image."""
-    index = json.loads(Path(layout, "index.json").read_text())
-    manifest = json.loads(Path(layout, oci.blob_relpath(index["manifests"][0]["digest"])).read_text())
-    return sum(layer["size"] for layer in manifest["layers"])
+    return sum(layer["size"] for layer in _manifest(layout)["layers"])
 
 
 def convert(image: BuiltImage, name: str, prioritize: str | None = None) -> tuple[str, float]:

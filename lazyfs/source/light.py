@@ -166,7 +166,6 @@ class LightConnection:
         return self._conn.getresponse()
 
 
-
 class LightResponse:
     """An answer on a LightConnection, read the way lazyfs.source.http reads requests'
     (status_code, reason, headers, raw.read1/read, history, url, close)."""
