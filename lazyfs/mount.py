@@ -214,12 +214,15 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
     """Everything a mount serves, ready before the kernel sees it: errors surface here.
 
     `image`: ref already resolved (see mount()); None to resolve it here."""
+    if image is None:
+        from lazyfs.source import waiting
+
+        with waiting.spare_time(preload_session_modules):
+            image = resolve_image(ref, options)
     from lazyfs.cache import ChunkCache, default_cache_dir
     from lazyfs.layer import open_layers
     from lazyfs.tree import build_tree
 
-    if image is None:
-        image = resolve_image(ref, options)
     try:
         cache = ChunkCache(options.cache_dir or default_cache_dir(), options.cache_bytes)
         speculating = (_start_speculative_prefetch(image.layers, cache)
@@ -312,6 +315,17 @@ _SERVING_MODULES = ("trio", "pyfuse3", "lazyfs.cache", "lazyfs.fetch", "lazyfs.f
 # requests went over a lighter client: lazyfs/source/light.py). Not before: the program that
 # is starting needs the interpreter for the prefetch, which decodes what it reads.
 _HTTP_MODULES = ("requests", "requests.adapters")
+
+
+# What the daemon needs before it asks for the TOCs: `lazyfs run` loads them before it forks
+# the daemon, while it waits for the image's documents (lazyfs/source/waiting.py), and
+# `lazyfs mount`'s daemon while it waits for them itself.
+_SESSION_MODULES = ("lazyfs.cache", "lazyfs.layer", "lazyfs.tree", "lazyfs.source.file",
+                    "lazyfs.source.speculative")
+
+
+def preload_session_modules() -> None:
+    _import_all(_SESSION_MODULES)
 
 
 # How long the imports wait for the TOC requests to be sent, at most.

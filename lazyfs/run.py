@@ -139,7 +139,8 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     unmounted; not when the mount failed or the run was interrupted (`lazyfs record` learns
     from it that the program ran, and reads the mount's stats).
     """
-    from lazyfs.mount import image_config, resolve_image
+    from lazyfs.mount import image_config, preload_session_modules, resolve_image
+    from lazyfs.source import waiting
 
     if os.geteuid() != 0:
         raise LazyfsError("lazyfs run needs root (mount namespaces, overlayfs and chroot)")
@@ -156,7 +157,10 @@ def run(image: str, command: list[str], options: MountOptions, *, env: dict | No
     # process) serves the very same manifest's layers without fetching anything again. The
     # config is read once the daemon is fetching the TOCs (a round trip off a cold start's
     # path), unless the command must come from it: with none there, say so before mounting.
-    resolved = resolve_image(image, options)
+    # While the documents' answers are awaited, the daemon's first modules load, so that the
+    # fork asks for the TOCs without importing them first (lazyfs/source/waiting.py).
+    with waiting.spare_time(preload_session_modules):
+        resolved = resolve_image(image, options)
     if not command:
         try:
             command_for(image_config(resolved, options), command)

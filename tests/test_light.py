@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from lazyfs.errors import FetchError
 from lazyfs.image import resolve_mount_image
 from lazyfs.imageref import open_reference
 from lazyfs.oci_layout import open_image
-from lazyfs.source import light, preconnect
+from lazyfs.source import light, preconnect, waiting
 from lazyfs.source.http import HttpSource
 from tests.mounting import mounted
 from tests.servers import NginxServer, PyHttpServer, make_tls_files
@@ -179,6 +180,104 @@ def test_a_connection_started_in_advance_carries_the_first_request(nginx, monkey
     preconnect.start(url)
     preconnect.discard()
     assert preconnect._pending == {}
+
+
+def test_a_numeric_address_is_connected_by_the_kernel_and_a_name_by_a_thread(nginx,
+                                                                             monkeypatch):
+    """127.0.0.1: a non-blocking connect, no thread (one would wait for the interpreter lock
+    behind the imports that follow); a name must be resolved, in a thread. Either way the
+    socket handed over is connected, without Nagle's delay, as http.client's own are."""
+    monkeypatch.setenv("NETRC", str(Path(nginx.root) / "no-netrc"))
+    port = nginx.url.rsplit(":", 1)[1]
+    for host, threaded in (("127.0.0.1", False), ("localhost", True)):
+        url = f"http://{host}:{port}/doc.json"
+        preconnect.start(url)
+        assert (preconnect._pending[(host, int(port))]._thread is not None) == threaded
+        sock = preconnect.take(url, 5)
+        try:
+            assert sock is not None and sock.getpeername()[1] == int(port)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        finally:
+            sock.close()
+    assert preconnect._numeric_family("::1") == socket.AF_INET6
+    assert preconnect._numeric_family("cdn.example") is None
+
+
+def test_a_refused_preconnection_is_not_handed_over_and_the_request_says_why(monkeypatch,
+                                                                           tmp_path):
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    with socket.socket() as unused:  # a port nobody listens on once this is closed
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/doc.json"
+    preconnect.start(url)
+    assert preconnect.take(url, 5) is None
+    connection = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
+    try:
+        assert connection.try_acquire()
+        with pytest.raises(FetchError, match="GET failed.*[Rr]efused") as info:
+            connection.send("GET", url, "doc")
+        assert info.value.retriable
+    finally:
+        connection.close()
+
+
+def test_spare_time_work_runs_once_while_a_request_waits_for_its_answer(tmp_path):
+    """The work runs after the request has gone out and before its answer is read: the
+    server has the request when the work runs. Once; a failing work costs the request
+    nothing; work no request ran is dropped when the block ends."""
+    (tmp_path / "doc.json").write_bytes(b"{}")
+    ran: list[int] = []
+    with PyHttpServer(tmp_path) as server:
+        url = f"{server.url}/doc.json"
+        connection = light.LightConnection(url, headers=None, ca_cert=None, timeout=5)
+        try:
+            def work():
+                deadline = time.monotonic() + 5
+                while not server.received and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                ran.append(len(server.received))
+
+            def failing():
+                raise ImportError("no such module")
+
+            with waiting.spare_time(failing), waiting.spare_time(work):
+                for _ in range(2):
+                    assert connection.try_acquire()
+                    with connection.send("GET", url, "doc") as resp:
+                        assert resp.read(10) == b"{}"
+            assert ran == [1]
+            with waiting.spare_time(work):
+                pass
+            assert waiting._pending == []
+        finally:
+            connection.close()
+
+
+PRELOAD = """
+import sys
+from lazyfs.mount import MountOptions, preload_session_modules, resolve_image
+from lazyfs.source import waiting
+before = "lazyfs.layer" in sys.modules
+with waiting.spare_time(preload_session_modules):
+    image = resolve_image(sys.argv[1], MountOptions())
+print(before, "lazyfs.layer" in sys.modules, "lazyfs.cache" in sys.modules)
+image.close()
+"""
+
+
+def test_a_run_loads_the_daemon_modules_while_it_waits_for_the_documents(layout, nginx):
+    """What `lazyfs run` does before forking the daemon: resolving an image on a web server
+    loads the modules the daemon needs first; resolving a local layout leaves them alone."""
+    url, converted = layout
+    env = {name: value for name, value in os.environ.items()
+           if not name.lower().endswith("_proxy")}
+    env["NETRC"] = str(Path(nginx.root) / "no-netrc")
+    for ref, expected in ((url, "False True True"), (f"{converted}:{TAG}", "False False False")):
+        done = subprocess.run([sys.executable, "-c", PRELOAD, ref], capture_output=True,
+                              text=True, timeout=60, env=env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == expected.split(), ref
 
 
 def test_credentials_in_the_url_or_a_netrc_file_leave_everything_to_requests(tmp_path,

@@ -25,7 +25,7 @@ import threading
 from urllib.parse import urlsplit
 
 from lazyfs.errors import FetchError, NotFound
-from lazyfs.source import preconnect
+from lazyfs.source import preconnect, waiting
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 
@@ -161,6 +161,7 @@ class LightConnection:
     def _exchange(self, method: str, target: str,
                   headers: dict[str, str]) -> http.client.HTTPResponse:
         self._conn.request(method, target, headers=headers)
+        waiting.use_wait()  # the answer is at least a round trip away
         if self._conn.sock is not None:  # from now on, waits are for the server's bytes
             self._conn.sock.settimeout(self._read_s)
         return self._conn.getresponse()
