@@ -23,20 +23,22 @@ import io
 import itertools
 import os
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from converter.prioritize import prioritize
 from converter.tarinput import (Member, payload_reader, plain_tar, raw_header, read_exactly,
                                 scan_members, synthetic_member)
 from lazyfs.errors import NotFound
-from lazyfs.format import oci, zstdchunked
+from lazyfs.fetchoptions import DEFAULT_MERGE_GAP_BYTES
+from lazyfs.format import oci, workload, zstdchunked
 from lazyfs.format.codec import codec_for, startup_codec_for
 from lazyfs.format.seekable import FORMATS
 from lazyfs.format.estargz import (LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK,
                                    TOC_TAR_NAME, build_toc_blob, sha256_digest)
 from lazyfs.format.tarmeta import TOC_TYPE_OF_TAR_TYPE, tar_xattrs
-from lazyfs.format.toc import MAX_CHUNK_SIZE, TOC, TOCEntry, clean_name, format_modtime
+from lazyfs.format.toc import (MAX_CHUNK_SIZE, TOC, TOCEntry, clean_name, format_modtime,
+                               resolve)
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 _RESERVED_NAMES = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
@@ -55,6 +57,12 @@ class LayerOptions:
     startup_compression_level: int | None = None
     format: str = "estargz"
     prioritized_files: tuple[str, ...] = ()
+    # What a recorded start-up read of the prioritized files: (path, ((file_offset, file_end),
+    # ...)) pairs, from the list's read lines (lazyfs.format.workload). Such a file is cut into
+    # chunks along those ranges, and the layer's dev.lazyfs.prefetch.ranges annotation names
+    # the read chunks: mounts prefetch those and leave the rest to on-demand reads. A
+    # prioritized file with no ranges here is prefetched whole.
+    prioritized_reads: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
     missing_prioritized_ok: bool = False  # image mode: a listed file may be in another layer
     workers: int | None = None  # default: every core
 
@@ -89,7 +97,9 @@ def convert_layer(src_path: str, dst_path: str, options: LayerOptions = LayerOpt
                 raise NotFound(f"prioritized file not in the layer: {ordering.missing[0]!r}")
             with open(tar_path, "rb") as tar_file, tarfile.open(tar_path, "r:") as tar, \
                     open(temp_path, "wb") as out:
-                result = _write_blob(_ordered_items(ordering), tar_file, tar, out, options)
+                reads = _reads_by_member(ordering.members, options.prioritized_reads)
+                result = _write_blob(_ordered_items(ordering, reads), tar_file, tar, out,
+                                     options)
         os.replace(temp_path, dst_path)
     except BaseException:
         _remove_quietly(temp_path)
@@ -104,18 +114,72 @@ def _remove_quietly(path: str) -> None:
         pass
 
 
-def _ordered_items(ordering) -> Iterator[tuple[Member, bytes | None, bool]]:
-    """Members in output order, each with its payload if it is synthetic (the landmark) and
-    whether it is prioritized (before the landmark)."""
+def _ordered_items(ordering, reads: dict[str, list[tuple[int, int]]]) -> Iterator[_Item]:
+    """Members in output order, each with its payload if it is synthetic (the landmark),
+    whether it is prioritized (before the landmark) and, if so, its recorded reads."""
     for member in ordering.members:
-        yield member, None, True
-    yield *synthetic_member(ordering.landmark, LANDMARK_CONTENTS), False
+        yield _Item(member, None, True, reads.get(clean_name(member.info.name)))
+    yield _Item(*synthetic_member(ordering.landmark, LANDMARK_CONTENTS), False)
     for member in ordering.rest:
-        yield member, None, False
+        yield _Item(member, None, False)
+
+
+def _reads_by_member(members: list[Member], prioritized_reads) -> dict[str, list]:
+    """The recorded reads of each prioritized member that holds content, by its clean name. A
+    file read through a hardlink's name has its content in the link's target (the tar stores
+    it once): the reads go there."""
+    reads: dict[str, list[tuple[int, int]]] = {}
+    for path, extents in prioritized_reads:
+        reads.setdefault(clean_name(path), []).extend(extents)
+    if not reads:
+        return {}
+    for member in members:
+        name = clean_name(member.info.name)
+        if member.info.islnk() and name in reads:
+            reads.setdefault(clean_name(member.info.linkname), []).extend(reads.pop(name))
+    return {name: workload.merge_extents(extents) for name, extents in reads.items()}
+
+
+@dataclass
+class _Item:
+    member: Member
+    synthetic_payload: bytes | None
+    startup: bool  # prioritized: before the landmark
+    reads: list[tuple[int, int]] | None = None  # recorded reads; None: wanted whole
 
 
 # ---------------------------------------------------------------------------------------------
 # Segmentation
+
+
+# Two recorded reads of a file closer than this are one chunk, the bytes between included:
+# fetching them costs less than another frame, TOC entry and lost compression context.
+JOIN_GAP_BYTES = 64 << 10
+
+
+def chunk_plan(size: int, chunk_size: int,
+               reads: list[tuple[int, int]] | None) -> list[tuple[int, int, bool]]:
+    """How a file of `size` bytes is cut: (file_offset, length, read) chunks of at most
+    `chunk_size` bytes, in order. `reads` (merged ranges a start-up read; None: the file is
+    wanted whole) adds cuts where read and unread bytes meet, and says which chunks are read."""
+    if reads is None:
+        spans = [(0, size, True)]
+    else:
+        spans = []
+        position = 0
+        for start, end in workload.merge_extents(
+                [(max(0, start), min(size, end)) for start, end in reads], JOIN_GAP_BYTES):
+            if start > position:
+                spans.append((position, start, False))
+            spans.append((start, end, True))
+            position = end
+        if position < size:
+            spans.append((position, size, False))
+    plan = []
+    for start, end, read in spans:
+        for file_offset in range(start, end, chunk_size):
+            plan.append((file_offset, min(chunk_size, end - file_offset), read))
+    return plan
 
 
 @dataclass
@@ -139,13 +203,20 @@ class _Segmenter:
         self._pending_entries: list[TOCEntry] = []
         self._pending_startup = False  # the pending segment started in a prioritized member
         self._member_startup = False  # the member being cut is prioritized
+        self._member_reads: list[tuple[int, int]] | None = None  # and what a start-up read
         self._last_user: dict[int, str] = {}
         self._last_group: dict[int, str] = {}
+        # Prioritized chunks a start-up reads, as (file name, file offset), for the prefetch
+        # ranges annotation; only when some prioritized file came with its recorded reads.
+        self.read_chunks: set[tuple[str, int]] = set()
+        self.sparse = False
 
-    def segments(self, items) -> Iterator[_Segment]:
-        for member, synthetic_payload, startup in items:
-            self._member_startup = startup
-            yield from self._member(member, synthetic_payload)
+    def segments(self, items: Iterable[_Item]) -> Iterator[_Segment]:
+        for item in items:
+            self._member_startup = item.startup
+            self._member_reads = item.reads
+            self.sparse |= item.reads is not None
+            yield from self._member(item.member, item.synthetic_payload)
         if self._pending:
             yield self._cut()
 
@@ -181,9 +252,10 @@ class _Segmenter:
         """Cut a regular file's payload into chunks, each the start of a new segment."""
         entry = file_entry
         file_digest = hashlib.sha256()
-        file_offset = 0
-        while file_offset < info.size:
-            length = min(self.chunk_size, info.size - file_offset)
+        for file_offset, length, read in chunk_plan(info.size, self.chunk_size,
+                                                    self._member_reads):
+            if read and self._member_startup:
+                self.read_chunks.add((clean_name(info.name), file_offset))
             data = read_exactly(payload, length, info.name)
             file_digest.update(data)
             if file_offset > 0:
@@ -197,7 +269,6 @@ class _Segmenter:
             self._append(data)
             self._pending_entries.append(entry)
             self.entries.append(entry)
-            file_offset += length
             if self.isolate_payloads:
                 yield self._cut()
         self._append(b"\0" * (-info.size % tarfile.BLOCKSIZE))
@@ -320,6 +391,18 @@ def _prefetch_end(entries: list[TOCEntry]) -> int | None:
     return None
 
 
+def _prefetch_ranges(segmenter: _Segmenter, data_end: int) -> list[tuple[int, int]]:
+    """The blob ranges of the chunks a start-up reads, as a mount resolves them from the TOC,
+    joined when they lie closer than the mount's merge gap: its prefetch then asks for each
+    range on its own, never for one that spans two of them with the bytes between."""
+    ranges = []
+    for item in resolve(TOC(entries=segmenter.entries), data_end):
+        for chunk in item.chunks:
+            if (item.path, chunk.file_offset) in segmenter.read_chunks:
+                ranges.append((chunk.blob_offset, chunk.blob_end))
+    return workload.merge_extents(ranges, DEFAULT_MERGE_GAP_BYTES)
+
+
 def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     framing = _framing(options)
     segmenter = _Segmenter(tar_file, tar, options.chunk_size, framing.isolate_payloads)
@@ -363,6 +446,9 @@ def _write_blob(items, tar_file, tar, out, options: LayerOptions) -> dict:
     prefetch_end = _prefetch_end(segmenter.entries)
     if prefetch_end:
         format_annotations[oci.ANNOTATION_PREFETCH_END] = str(prefetch_end)
+        if segmenter.sparse:
+            format_annotations[oci.ANNOTATION_PREFETCH_RANGES] = oci.format_ranges(
+                _prefetch_ranges(segmenter, blob_offset))
     out.write(tail)
     blob_hash.update(tail)
     diff_hash.update(tail_uncompressed)

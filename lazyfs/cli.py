@@ -13,7 +13,7 @@ import os
 import sys
 
 from lazyfs import __version__
-from lazyfs.errors import LazyfsError, NotFound
+from lazyfs.errors import FormatError, LazyfsError, NotFound
 from lazyfs.format import FORMATS
 
 
@@ -280,6 +280,10 @@ def _add_mount_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernel-readahead", type=_size, default="1M", metavar="SIZE",
                         help="the kernel's readahead window for the mount, which also sizes its "
                              "read requests to lazyfs (at most 1M count; default 1M)")
+    parser.add_argument("--startup-readahead", type=_size, default="128K", metavar="SIZE",
+                        help="the window while `lazyfs record` records, and while a program "
+                             "starts from an image whose prefetch is what a recorded start-up "
+                             "read; keep it the same for both (default 128K)")
     parser.add_argument("--busy-poll", type=_non_negative_float, default=BUSY_POLL_S,
                         metavar="SECONDS", help="keep polling for the next FUSE request this "
                         "long after each one before sleeping: a sleeping CPU wakes slower than "
@@ -382,6 +386,7 @@ def _mount_options(args):
                         log_file=getattr(args, "log_file", None), headers=dict(args.header),
                         ca_cert=args.ca_cert, s3_endpoint=args.s3_endpoint,
                         kernel_readahead_bytes=args.kernel_readahead,
+                        startup_readahead_bytes=args.startup_readahead,
                         busy_poll_s=args.busy_poll, fetch=_fetch_options(args),
                         verify_keys=_verify_keys(args))
 
@@ -441,15 +446,21 @@ def _show(report: dict, as_json: bool, print_human) -> int:
     return 0
 
 
-def _read_prioritized(path: str | None) -> tuple[str, ...]:
+def _read_prioritized(path: str | None):
+    """The list's paths, and the recorded reads of them (lazyfs.format.workload)."""
+    from lazyfs.format import workload
+
     if path is None:
-        return ()
+        return workload.WorkloadList()
     try:
         with open(path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+            text = f.read()
     except OSError as exc:
         raise NotFound(f"cannot read the prioritized list {path}: {exc.strerror}") from None
-    return tuple(line for line in lines if line and not line.startswith("#"))
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"the prioritized list {path} is not UTF-8: {exc.reason} at byte "
+                          f"{exc.start}") from None
+    return workload.parse(text, where=path)
 
 
 def _cmd_convert(args) -> int:
@@ -458,12 +469,15 @@ def _cmd_convert(args) -> int:
 
     _check_level(args.format, "--compression-level", args.compression_level)
     _check_level(args.format, "--startup-compression-level", args.startup_compression_level)
+    listed = _read_prioritized(args.prioritize)
     options = LayerOptions(
         format=args.format,
         chunk_size=args.chunk_size,
         compression_level=args.compression_level,
         startup_compression_level=args.startup_compression_level,
-        prioritized_files=_read_prioritized(args.prioritize),
+        prioritized_files=tuple(listed.paths),
+        prioritized_reads=tuple((path, tuple(extents))
+                                for path, extents in listed.reads.items()),
         workers=args.workers,
     )
     if os.path.isfile(args.source) and inputs.detect_kind(args.source) is inputs.InputKind.LAYER:

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 # sleep in between wakes slower than a small read is served. Short: at most this much of one
 # core is spent after the last request of a burst.
 BUSY_POLL_S = 0.002
+# FetchOptions.merge_gap_bytes' default (explained there); the converter joins the prefetch
+# ranges it writes by it (converter/layer.py).
+DEFAULT_MERGE_GAP_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class FetchOptions:
     # RTT x bandwidth: 20 ms x 100 Mbit/s = 250 KB, 1 ms x 1 Gbit/s = 125 KB. 64 KiB stays
     # under the break-even of common links, so merging never costs more than it saves, and
     # ranges farther apart still share a request as parts of one multi-range request.
-    merge_gap_bytes: int = 64 << 10
+    merge_gap_bytes: int = DEFAULT_MERGE_GAP_BYTES
     # One merged range of on-demand reads at most this big (a single chunk may be bigger), so a
     # read never waits for much more than it asked for.
     max_range_bytes: int = 16 << 20

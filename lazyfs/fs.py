@@ -172,7 +172,8 @@ class LazyFS(pyfuse3.Operations):
     async def read(self, fh, offset, size):
         node = self._node(fh)
         if self.recorder is not None:
-            self.recorder.read(node)  # before fetching: a read that fails was still wanted
+            # Before fetching: a read that fails was still wanted.
+            self.recorder.read(node, offset, size)
         if offset >= node.size or not node.chunks:
             return b""
         layer = self.layers[node.layer_index]

@@ -18,3 +18,6 @@ class LayerSpec:
     toc_position: str | None = None  # zstd:chunked manifest-position annotation, if any
     toc_offset: int | None = None  # eStargz: where the TOC member starts (a hint, not trusted)
     prefetch_end: int | None = None  # where the prioritized files end (a hint, not trusted)
+    # The blob ranges of the prioritized chunks a start-up reads, (start, end) in blob order;
+    # None: prefetch everything before the landmark. A hint, not trusted either.
+    prefetch_ranges: list[tuple[int, int]] | None = None

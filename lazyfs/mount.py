@@ -44,6 +44,12 @@ class MountOptions:
     # The kernel's readahead window for the mount, which also caps its read requests (FUSE
     # allows up to 1 MiB): bigger requests, fewer of them.
     kernel_readahead_bytes: int = 1 << 20
+    # The window while a program starts from an image whose prefetch is what a recorded
+    # start-up read (prefetch ranges), and while `lazyfs record` records: the two must be the
+    # same, or the kernel asks at run time for bytes around the recorded ones that were not
+    # prefetched, each a round trip. Small: what the kernel reads around a page fault of a
+    # library is then mostly what the program uses (KernelReadahead).
+    startup_readahead_bytes: int = 128 << 10
     busy_poll_s: float = BUSY_POLL_S  # see fetchoptions; 0: never poll
     fetch: FetchOptions = field(default_factory=FetchOptions)  # connections, retries, prefetch
     # `lazyfs record`: a lazyfs.record.RecordTarget; the daemon appends each regular file's
@@ -139,7 +145,7 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
         except RuntimeError as exc:
             _report(ready_fd, f"1 lazyfs mount: error: cannot mount at {mountpoint}: {exc}")
             return 1
-        _when_serving(mountpoint, options.kernel_readahead_bytes, ready_fd)
+        _when_serving(mountpoint, session.readahead, ready_fd)
         try:
             trio.run(_main, session)
         finally:
@@ -149,7 +155,7 @@ def _serve(ref: str, mountpoint: str, options: MountOptions, ready_fd: int | Non
     return 0
 
 
-def _when_serving(mountpoint: str, readahead_bytes: int, ready_fd: int | None) -> None:
+def _when_serving(mountpoint: str, readahead: "KernelReadahead", ready_fd: int | None) -> None:
     """Once the mount answers, tune the kernel's readahead for it, then report it ready.
 
     The FUSE handshake (INIT) happens when the loop starts and lowers the readahead window to
@@ -163,16 +169,58 @@ def _when_serving(mountpoint: str, readahead_bytes: int, ready_fd: int | None) -
             _report(ready_fd, f"1 lazyfs mount: error: the mount at {mountpoint} does not "
                               f"answer: {exc.strerror}")
             return
-        _tune_readahead(device, readahead_bytes)
+        readahead.serving(device)
         _report(ready_fd, "ok")
 
     threading.Thread(target=wait_then_tune, name="lazyfs-ready", daemon=True).start()
 
 
-def _tune_readahead(device: int, size_bytes: int) -> None:
-    """Let sequential reads reach the daemon as 1 MiB requests instead of the kernel's
-    default 128 KiB: each FUSE request costs the daemon a fixed ~0.1-0.3 ms, so 8x fewer of
-    them is most of the sequential throughput (docs/benchmarks.md). Best effort: root only."""
+class KernelReadahead:
+    """The kernel's readahead window of the mount, set once it serves, and changed once if a
+    start-up window comes first.
+
+    Normally the window is MountOptions.kernel_readahead_bytes from the start: sequential
+    reads then reach the daemon as 1 MiB requests instead of the kernel's default 128 KiB, and
+    each FUSE request costs the daemon a fixed ~0.1-0.3 ms, so 8x fewer of them is most of the
+    sequential throughput (docs/benchmarks.md).
+
+    A start-up window (`startup_bytes`) comes first while `lazyfs record` records, and when the
+    prefetch holds only what a recorded start-up read: the kernel must then ask for what it
+    asked while recording, not for the bytes around them that were left out. It is raised to
+    the normal window once the start-up has settled (`settled`: the prefetch is over and the
+    mount has been quiet, lazyfs.prefetch), never while recording. A file keeps the window it
+    was opened with (the kernel copies it at open), so the program that started keeps reading
+    as it did when recorded.
+
+    Best effort: setting it needs root; without it, the kernel's default stays."""
+
+    def __init__(self, size_bytes: int, startup_bytes: int | None = None, *,
+                 settles: bool = True):
+        self.size_bytes = size_bytes
+        self.startup_bytes = startup_bytes
+        self.settles = settles and startup_bytes is not None
+        self._device: int | None = None
+        self._settled = False
+        self._lock = threading.Lock()
+
+    def serving(self, device: int) -> None:
+        """The mount answers (its INIT is done): set the first window."""
+        with self._lock:
+            self._device = device
+            starting = self.startup_bytes is not None and not self._settled
+            _set_readahead(device, self.startup_bytes if starting else self.size_bytes)
+
+    def settled(self) -> None:
+        """The start-up is over: the normal window from now on (for files opened from now)."""
+        with self._lock:
+            if not self.settles or self._settled:
+                return
+            self._settled = True
+            if self._device is not None:
+                _set_readahead(self._device, self.size_bytes)
+
+
+def _set_readahead(device: int, size_bytes: int) -> None:
     from lazyfs import linux
 
     if not linux.set_readahead(device, size_bytes):
@@ -208,6 +256,17 @@ class Session:
     fs: object
     close: object
     background: object = None  # async fn(task_status=...): prefetch, then background fetch
+    readahead: KernelReadahead | None = None
+
+
+def _readahead_for(options: MountOptions, layers) -> KernelReadahead:
+    """The start-up window while recording, or when some layer's prefetch is only what a
+    recorded start-up read; else the normal window throughout."""
+    sparse = options.fetch.prefetch and any(layer.spec.prefetch_ranges is not None
+                                            for layer in layers)
+    recording = options.record is not None
+    startup = options.startup_readahead_bytes if (recording or sparse) else None
+    return KernelReadahead(options.kernel_readahead_bytes, startup, settles=not recording)
 
 
 def open_session(ref: str, options: MountOptions, image=None) -> Session:
@@ -252,10 +311,14 @@ def open_session(ref: str, options: MountOptions, image=None) -> Session:
         recorder = options.record.open(tree) if options.record is not None else None
         fs = LazyFS(tree, layers, fetcher, description=description, recorder=recorder,
                     awake_window_s=options.busy_poll_s)
+        readahead = _readahead_for(options, layers)
         return Session(fs,
                        image.close,
                        functools.partial(prefetch_and_background, fetcher,
-                                         prefetched=prefetched.set))
+                                         prefetched=prefetched.set,
+                                         settled=readahead.settled if readahead.settles
+                                         else None),
+                       readahead)
     except BaseException:
         image.close()
         raise
@@ -271,9 +334,11 @@ def _start_speculative_prefetch(specs, cache) -> list:
 
     started = []
     for spec in specs:
-        if (spec.prefetch_end and not isinstance(spec.source, FileSource)
+        windows = (spec.prefetch_ranges if spec.prefetch_ranges is not None
+                   else [(0, spec.prefetch_end or 0)])
+        if (spec.prefetch_end and windows and not isinstance(spec.source, FileSource)
                 and not (spec.toc_digest and cache.has_toc(spec.toc_digest))):
-            spec.source = SpeculativeSource(spec.source, spec.prefetch_end)
+            spec.source = SpeculativeSource(spec.source, windows)
             started.append(spec.source)
     return started
 

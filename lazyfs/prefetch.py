@@ -54,17 +54,19 @@ _MIN_REQUEST_BYTES = 64 << 10
 
 
 async def prefetch_and_background(fetcher, *, task_status=trio.TASK_STATUS_IGNORED,
-                                  stay: bool = True, prefetched=None) -> None:
+                                  stay: bool = True, prefetched=None, settled=None) -> None:
     """The mount's fetching work: start with `await nursery.start(prefetch_and_background,
     fetcher)`, which returns once the prefetch has claimed its chunks. Then it prefetches
-    (and calls `prefetched()`, if given, once that is over), fetches in the background, and
+    (and calls `prefetched()`, if given, once that is over), waits for the mount to be quiet
+    (and calls `settled()`, if given: the start-up is over), fetches in the background, and
     (`stay`) keeps the fetcher's job nursery open until it is cancelled at unmount (see
     ChunkFetcher.running)."""
     options = fetcher.options
     async with fetcher.running():
         claims = []
         for layer in fetcher.layers:
-            chunks = prioritized_chunks(layer.entries) if options.prefetch else []
+            chunks = (prioritized_chunks(layer.entries, layer.spec.prefetch_ranges)
+                      if options.prefetch else [])
             claims.append((layer, fetcher.claim(layer, chunks)))
         task_status.started()
         async with trio.open_nursery() as nursery:
@@ -72,25 +74,43 @@ async def prefetch_and_background(fetcher, *, task_status=trio.TASK_STATUS_IGNOR
                 nursery.start_soon(_prefetch_layer, fetcher, layer, claimed)
         if prefetched is not None:
             prefetched()
-        if options.background_fetch:
+        if options.background_fetch or settled is not None:
             await fetcher.demand.wait_quiet(options.background_quiet_s,
                                             options.background_max_wait_s)
+        if settled is not None:
+            settled()
+        if options.background_fetch:
             await background_fetch(fetcher)
         if stay:
             await trio.sleep_forever()
 
 
-def prioritized_chunks(entries) -> list:
+def prioritized_chunks(entries, read_ranges=None) -> list:
     """The chunks of every file before `.prefetch.landmark`, in blob order; none for a layer
-    with `.no.prefetch.landmark` or without a landmark."""
+    with `.no.prefetch.landmark` or without a landmark. With `read_ranges` (the layer's
+    prefetch ranges: the blob ranges of what a recorded start-up read of those files), only
+    the chunks inside them."""
     chunks = []
     for item in entries:
         if item.path == PREFETCH_LANDMARK:
-            return sorted(chunks, key=lambda chunk: chunk.blob_offset)
+            chunks.sort(key=lambda chunk: chunk.blob_offset)
+            return chunks if read_ranges is None else _inside(chunks, read_ranges)
         if item.path == NO_PREFETCH_LANDMARK:
             return []
         chunks.extend(item.chunks)
     return []
+
+
+def _inside(chunks: list, ranges: list[tuple[int, int]]) -> list:
+    """The chunks (sorted by blob offset) that lie inside one of the sorted, apart ranges."""
+    inside, index = [], 0
+    for chunk in chunks:
+        while index < len(ranges) and ranges[index][1] <= chunk.blob_offset:
+            index += 1
+        if index < len(ranges) and ranges[index][0] <= chunk.blob_offset \
+                and chunk.blob_end <= ranges[index][1]:
+            inside.append(chunk)
+    return inside
 
 
 async def _prefetch_layer(fetcher, layer, claimed) -> None:

@@ -68,6 +68,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lazyfs.errors import LazyfsError
+from lazyfs.format import workload
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,8 @@ class AccessRecorder:
         self._close = close
         self._names: dict[int, tuple[int, bytes]] = {}  # inode -> (parent inode, name)
         self._recorded: set[int] = set()
+        self._lines: dict[int, str] = {}  # recorded inode -> its path line
+        self._extents: dict[int, list[tuple[int, int]]] = {}  # recorded inode -> ranges read
         self.active = True
         self.recorded = 0  # lines written
         self.skipped = 0  # files read whose name no line can hold (or with no known name)
@@ -133,33 +136,55 @@ class AccessRecorder:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def read(self, node) -> None:
-        """A read of `node`'s content: recorded if it is a regular file read for the first time."""
+    def read(self, node, file_offset: int = 0, length: int = 0) -> None:
+        """A read of `node`'s content: a regular file's first read records its path; then every
+        read that asks for bytes not asked before records a read line (lazyfs.format.workload)."""
         inode = node.inode
-        if not self.active or inode in self._recorded or not stat.S_ISREG(node.mode):
+        if not self.active or not stat.S_ISREG(node.mode):
             return
         try:
-            if len(self._recorded) >= self.limit:
-                self.limit_reached = True
-                self._stop()
-                log.warning("recording: limit of %d files reached; later files not recorded",
-                            self.limit)
+            if inode not in self._recorded and not self._record_path(inode):
                 return
-            self._recorded.add(inode)
-            path = self.path_of(inode)
-            self._names.pop(inode, None)  # recorded: its name is never needed again
-            line = None if path is None else list_line(path)
-            if line is None:
-                self.skipped += 1
-                log.warning("recording: inode %d (%r) has no name a list can hold; skipped",
-                            inode, path)
-                return
-            self._write((line + "\n").encode())
-            self.recorded += 1
+            self._record_range(inode, file_offset, min(length, node.size - file_offset))
         except Exception as exc:  # noqa: BLE001 - never fail the read being recorded
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("recording to %s failed, stopped: %s", self.where or "?", self.error)
             self._stop()
+
+    def _record_path(self, inode: int) -> bool:
+        """Write the path line of a file read for the first time; whether it was written."""
+        if len(self._recorded) >= self.limit:
+            self.limit_reached = True
+            self._stop()
+            log.warning("recording: limit of %d files reached; later files not recorded",
+                        self.limit)
+            return False
+        self._recorded.add(inode)
+        path = self.path_of(inode)
+        self._names.pop(inode, None)  # recorded: its name is never needed again
+        line = None if path is None else list_line(path)
+        if line is None:
+            self.skipped += 1
+            log.warning("recording: inode %d (%r) has no name a list can hold; skipped",
+                        inode, path)
+            return False
+        self._write((line + "\n").encode())
+        self._lines[inode] = line
+        self.recorded += 1
+        return True
+
+    def _record_range(self, inode: int, file_offset: int, length: int) -> None:
+        """A read line, unless these bytes were all asked for before (the kernel asks again
+        for what it dropped from its page cache: that adds nothing to a start-up's needs)."""
+        line = self._lines.get(inode)
+        if line is None or length <= 0:
+            return
+        extents = self._extents.setdefault(inode, [])
+        end = file_offset + length
+        if any(start <= file_offset and end <= stop for start, stop in extents):
+            return
+        self._write((workload.read_line(file_offset, length, line) + "\n").encode())
+        extents[:] = workload.merge_extents(extents + [(file_offset, end)])
 
     def path_of(self, inode: int) -> bytes | None:
         """The path (relative to the root) by the names the kernel used; None if unknown."""
@@ -192,7 +217,8 @@ class AccessRecorder:
 
     def _stop(self) -> None:
         self.active = False
-        self._names.clear()  # the memory goes with the recording
+        for table in (self._names, self._lines, self._extents):
+            table.clear()  # the memory goes with the recording
 
     def close(self) -> None:
         self._stop()

@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from lazyfs.cli import _build_parser, _read_prioritized, _record_command
+from lazyfs.format import workload
 from lazyfs.format.toc import clean_name
 from lazyfs.record import DEFAULT_LIMIT, AccessRecorder, RecordTarget, list_line
 from lazyfs.tree import ROOT_INODE
@@ -36,7 +37,7 @@ def test_a_line_reads_back_as_the_same_path(name, tmp_path):
     assert line is not None and "\n" not in line
     listed = tmp_path / "list"
     listed.write_text(f"{line}\n", encoding="utf-8")
-    (read_back,) = _read_prioritized(str(listed))  # exactly what convert --prioritize reads
+    (read_back,) = _read_prioritized(str(listed)).paths  # what convert --prioritize reads
     assert clean_name(read_back) == name
     if name == "etc/a":
         assert line == "etc/a"  # plain names are written as they are
@@ -220,17 +221,20 @@ def test_fuse_handlers_record_through_lookup_readdir_and_read(tree, monkeypatch)
         etc = await fs.lookup(ROOT_INODE, b"etc")
         hl = await fs.lookup(etc.st_ino, b"hl")
         await fs.read(hl.st_ino, 0, 3)
+        await fs.read(hl.st_ino, 1, 2)  # nothing new: no read line
         lib = await fs.lookup(ROOT_INODE, b"lib")
         deep = await fs.lookup(lib.st_ino, b"deep")
         await fs.readdir(deep.st_ino, 0, None)
         y = tree.lookup_path("lib/deep/y")
-        await fs.read(y.inode, 0, 5)
+        await fs.read(y.inode, 2, 4096)  # the kernel asks for more than the file holds
         await fs.getattr(tree.lookup_path("bin/busybox").inode)  # stat only: not recorded
         return fs.stats()
 
     stats = trio.run(main)
     assert replies == [b"x", b"y"]
-    assert lines == ["etc/hl\n", "lib/deep/y\n"]
+    # Each file's path at its first read, then the bytes each read asked of it (as far as
+    # the file goes), once.
+    assert lines == ["etc/hl\n", "#read 0 3 etc/hl\n", "lib/deep/y\n", "#read 2 3 lib/deep/y\n"]
     assert stats["recording"]["recorded"] == 2
 
 
@@ -316,7 +320,8 @@ def record(image, *command, output: Path, tmp_path: Path, options=()):
 
 
 def listed(path: Path) -> list[str]:
-    return path.read_text().splitlines()
+    """The path lines of a list (its read lines are checked on their own)."""
+    return workload.parse(path.read_text()).paths
 
 
 def prefetched(layer: dict) -> list[str]:
@@ -336,6 +341,11 @@ def test_record_then_prioritize(bb_image, runtime, tmp_path):
     # /bin/sh is a symlink: the kernel reads its target, the one binary. Files only listed
     # (etc/c, etc/unread) are not there, nor directories or the symlinks.
     assert listed(output) == ["bin/busybox", "etc/b", "etc/a"]
+    # And what was read of them: the two small files whole, a part of the binary at least.
+    reads = workload.parse(output.read_text()).reads
+    assert reads["etc/b"] == [(0, 2)] and reads["etc/a"] == [(0, 2)] and set(reads) == {
+        "bin/busybox", "etc/b", "etc/a"}
+    assert reads["bin/busybox"][0][0] == 0
     assert "3 files" in result.stderr and str(output) in result.stderr
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
     assert list((tmp_path / "scratch").iterdir()) == []                 # run's cleanup

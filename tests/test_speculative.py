@@ -1,6 +1,7 @@
 """The speculative prefetch download (lazyfs/source/speculative.py) over a real nginx: the
-window is fetched once, served to the one request inside it, and never trusted more than any
-other source's bytes; and the converter writes the annotation that starts it."""
+windows are fetched once, in one request with the TOC's range, served to the requests inside
+them until the prefetch is over, and never trusted more than any other source's bytes; and
+the converter writes the annotations that start it."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def blob_ranges(nginx) -> list[str]:
 
 
 def test_the_window_is_downloaded_once_and_streamed_to_its_request(nginx, blob_url):
-    source = SpeculativeSource(HttpSource(blob_url), WINDOW)
+    source = SpeculativeSource(HttpSource(blob_url), [(0, WINDOW)])
     try:
         # Something else first (as the TOC read is): it goes to the server, the window stays.
         assert source.read(len(BLOB) - 100, 100) == BLOB[-100:]
@@ -49,7 +50,11 @@ def test_the_window_is_downloaded_once_and_streamed_to_its_request(nginx, blob_u
         assert b"".join(p for i, p in pieces if i == 1) == BLOB[5000:WINDOW]
         # One request for both, the TOC's range first.
         assert blob_ranges(nginx) == [f"bytes={len(BLOB) - 100}-{len(BLOB) - 1},0-{WINDOW - 1}"]
-        # The window served its one request: the same range again is a new request.
+        # Until the prefetch is over, the window serves every request inside it (the prefetch
+        # may need several); then its memory goes, and the same range is a new request.
+        assert source.read(198, 1000) == BLOB[198:1198]
+        assert len(blob_ranges(nginx)) == 1
+        source.discard()
         assert source.read(198, 1000) == BLOB[198:1198]
         assert len(blob_ranges(nginx)) == 2
     finally:
@@ -76,7 +81,7 @@ def watched(blob_url, monkeypatch, start_wait_s):
     source is closed at the end."""
     monkeypatch.setattr(speculative, "START_WAIT_S", start_wait_s)
     inner = AskLog(HttpSource(blob_url))
-    source = SpeculativeSource(inner, WINDOW)
+    source = SpeculativeSource(inner, [(0, WINDOW)])
     try:
         yield inner, source
     finally:
@@ -157,7 +162,7 @@ def test_a_window_given_up_before_it_started_is_never_asked_for(nginx, blob_url,
 
 
 def test_a_request_past_the_window_goes_to_the_server(nginx, blob_url):
-    source = SpeculativeSource(HttpSource(blob_url), WINDOW)
+    source = SpeculativeSource(HttpSource(blob_url), [(0, WINDOW)])
     try:
         assert source.read(WINDOW - 10, 20) == BLOB[WINDOW - 10:WINDOW + 10]
         assert f"bytes={WINDOW - 10}-{WINDOW + 9}" in blob_ranges(nginx)
@@ -169,7 +174,7 @@ def test_a_request_past_the_window_goes_to_the_server(nginx, blob_url):
 
 def test_a_failed_download_is_a_retriable_error_then_the_server_is_asked(nginx, blob_url):
     # A window past the end of the blob: the download fails (416), as a lying annotation would.
-    source = SpeculativeSource(HttpSource(blob_url), len(BLOB) + 4096)
+    source = SpeculativeSource(HttpSource(blob_url), [(0, len(BLOB) + 4096)])
     try:
         with pytest.raises(FetchError) as caught:
             source.read(0, 100)
@@ -197,10 +202,45 @@ def test_a_huge_annotation_is_capped():
             pass
 
     inner = Recorder()
-    source = SpeculativeSource(inner, 10 << 40)
+    source = SpeculativeSource(inner, [(0, 10 << 40)])
     assert inner.done.wait(10)
     assert inner.asked == [(0, MAX_SPECULATIVE_BYTES)]
     source.close()
+
+
+def test_several_windows_come_in_one_request_and_serve_the_ranges_inside_them(nginx,
+                                                                              blob_url):
+    windows = [(1000, 5000), (100_000, 300_000), (2_000_000, 2_100_000)]
+    source = SpeculativeSource(HttpSource(blob_url), windows)
+    try:
+        tail = len(BLOB) - 100
+        assert source.read(tail, 100) == BLOB[tail:]
+        wanted = [(1000, 4000), (150_000, 100_000), (2_050_000, 50_000)]
+        pieces = list(source.read_ranges(wanted))
+        for index, (offset, length) in enumerate(wanted):
+            assert b"".join(p for i, p in pieces if i == index) == BLOB[offset:offset + length]
+        assert source.read(100_000, 10) == BLOB[100_000:100_010]  # a second request inside
+        assert blob_ranges(nginx) == [f"bytes={tail}-{len(BLOB) - 1},1000-4999,"
+                                      "100000-299999,2000000-2099999"]
+        # A range across a gap between two windows, and one in no window: from the server.
+        assert source.read(4000, 100_000) == BLOB[4000:104_000]
+        assert source.read(500_000, 10) == BLOB[500_000:500_010]
+        assert blob_ranges(nginx)[1:] == ["bytes=4000-103999", "bytes=500000-500009"]
+    finally:
+        source.close()
+
+
+def test_too_many_windows_are_joined_across_their_smallest_gaps():
+    windows, start = [], 0
+    for index in range(40):  # gaps of 100, 101, ...: the first ones are the smallest
+        windows.append((start, start + 10))
+        start += 10 + 100 + index
+    joined = speculative._bounded(windows)
+    assert len(joined) == speculative.MAX_WINDOWS == 31
+    assert joined[0] == (windows[0][0], windows[9][1]) and joined[1:] == windows[10:]
+    # The bytes cap cuts the last windows.
+    capped = speculative._bounded([(0, MAX_SPECULATIVE_BYTES - 10), (MAX_SPECULATIVE_BYTES, 1 << 40)])
+    assert capped == [(0, MAX_SPECULATIVE_BYTES - 10), (MAX_SPECULATIVE_BYTES, MAX_SPECULATIVE_BYTES + 10)]
 
 
 def test_the_converter_records_where_the_prioritized_files_end(tmp_path, layer_format):

@@ -56,6 +56,14 @@ ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
 # while it fetches the TOC; the bytes are verified against the TOC like any others, so a wrong
 # value costs a bounded useless download, never a wrong byte. Absent: nothing is prioritized.
 ANNOTATION_PREFETCH_END = "dev.lazyfs.prefetch.end-offset"
+# lazyfs' own hint, with the one above, when the prioritized files were recorded with what a
+# start-up reads of them: the blob ranges of the chunks it read, "OFFSET:LENGTH" decimal pairs
+# joined by commas, in blob order (format_ranges). A mount prefetches those chunks only, and
+# downloads those ranges instead of [0, end-offset). Like the end offset, a wrong value costs
+# at most a bounded download or later on-demand reads, never a wrong byte.
+ANNOTATION_PREFETCH_RANGES = "dev.lazyfs.prefetch.ranges"
+# At most this many ranges are read from that annotation (a start-up reads a few dozen).
+MAX_PREFETCH_RANGES = 4096
 # lazyfs' own hint for eStargz layers: the blob offset where the TOC's gzip member starts, as a
 # decimal string. A mount then reads exactly [offset, end of blob) for the footer and the TOC,
 # in one request whatever the TOC's size, instead of a fixed-size tail (zstd:chunked has its
@@ -367,3 +375,31 @@ def _check_media_type_field(obj: Mapping[str, Any], allowed: frozenset[str], whe
     if media_type is not None and media_type not in allowed:
         raise FormatError(f"{where}: unexpected mediaType {media_type!r}")
     return media_type
+
+
+def format_ranges(ranges: list[tuple[int, int]]) -> str:
+    """(start, end) blob ranges as ANNOTATION_PREFETCH_RANGES writes them."""
+    return ",".join(f"{start}:{end - start}" for start, end in ranges)
+
+
+def parse_ranges(text: str, blob_size: int | None = None) -> list[tuple[int, int]]:
+    """ANNOTATION_PREFETCH_RANGES as (start, end) blob ranges: sorted, apart, non-empty and
+    (with blob_size) inside the blob. FormatError otherwise."""
+    ranges: list[tuple[int, int]] = []
+    for number, pair in enumerate(text.split(",") if text else []):
+        offset, _, length = pair.partition(":")
+        if not (offset.isdigit() and length.isdigit() and int(length) > 0):
+            raise FormatError(f"{ANNOTATION_PREFETCH_RANGES}: range {number} is {pair[:50]!r}, "
+                              "not OFFSET:LENGTH")
+        start, end = int(offset), int(offset) + int(length)
+        if ranges and start < ranges[-1][1]:
+            raise FormatError(f"{ANNOTATION_PREFETCH_RANGES}: range {number} overlaps or "
+                              "precedes the one before it")
+        if blob_size is not None and end > blob_size:
+            raise FormatError(f"{ANNOTATION_PREFETCH_RANGES}: range {number} ends at {end}, "
+                              f"past the blob's {blob_size} bytes")
+        ranges.append((start, end))
+        if len(ranges) > MAX_PREFETCH_RANGES:
+            raise FormatError(f"{ANNOTATION_PREFETCH_RANGES}: more than {MAX_PREFETCH_RANGES} "
+                              "ranges")
+    return ranges

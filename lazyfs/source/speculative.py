@@ -24,18 +24,28 @@ link, and no new connection or round trip is spent on the window. A server that 
 several ranges at once gets them one after the other (lazyfs/source/http.py), the TOC's still
 first. With no read outside the window within START_WAIT_S, the download starts alone.
 
-The window serves one consumer, once (the prefetch): it is dropped as soon as a request inside
-it has been served, or when the prefetch ends without one (`discard`), so its memory is held
-only during the mount's first seconds.
+Several windows: when the converter knew what a start-up reads of the prioritized files, the
+layer says which blob ranges hold those chunks (`ANNOTATION_PREFETCH_RANGES`), and the
+download asks for those ranges, one multi-range request still, instead of all of [0, end).
+The bytes of the windows are kept one after the other in one buffer.
+
+The windows serve the prefetch: every request that lies inside them (the prefetch may need
+several, of at most FetchOptions.max_ranges_per_request ranges each) is answered from the
+download, as it comes in. They are dropped when the prefetch ends (`discard`), so their memory
+is held only during the mount's first seconds; a request that still waits on them then fails
+as retriable, and its retry reads from the server.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FetchError
+from lazyfs.format.workload import merge_extents
 from lazyfs.source import iter_ranges
 
 log = logging.getLogger(__name__)
@@ -45,6 +55,10 @@ log = logging.getLogger(__name__)
 MAX_SPECULATIVE_BYTES = 64 << 20
 # The download starts at the latest this long after the source is made, TOC read or not.
 START_WAIT_S = 1.0
+# At most this many windows in the download's request, with the TOC's range: more are joined
+# across their smallest gaps. The fetcher's own cap on ranges per request is 32, and a Range
+# header of thousands of ranges is refused by servers (nginx: 400 past ~8 KiB of headers).
+MAX_WINDOWS = 31
 
 
 class _Rider:
@@ -80,17 +94,20 @@ class _Rider:
 
 
 class SpeculativeSource:
-    """Wraps a BlobSource; downloads [0, end_offset) in a thread, in one request with the first
-    read outside that window (see the module doc)."""
+    """Wraps a BlobSource; downloads the `windows` ((start, end) blob ranges in blob order) in
+    a thread, in one request with the first read outside them (see the module doc)."""
 
-    def __init__(self, inner, end_offset: int):
+    def __init__(self, inner, windows: Sequence[tuple[int, int]]):
         self.inner = inner
-        self.end_offset = min(end_offset, MAX_SPECULATIVE_BYTES)
+        self.windows = _bounded(list(windows))
+        # Where each window's bytes start in the buffer, which holds them one after the other.
+        self._window_starts = [start for start, _ in self.windows]
+        self._buffer_starts = list(itertools.accumulate(
+            (end - start for start, end in self.windows[:-1]), initial=0))
         self._buffer = bytearray()
         self._error: BaseException | None = None
         self._done = False
-        self._used = False  # the window has its one consumer, or was given up
-        self._released = False  # and its memory is freed: the download stops keeping bytes
+        self._released = False  # the windows' memory is freed: the download stops keeping bytes
         self._rider: _Rider | None = None
         self._started = False  # the download has taken its rider (if any): no more boarding
         self._changed = threading.Condition()
@@ -145,54 +162,60 @@ class SpeculativeSource:
         self._give_up()
 
     def _covers(self, ranges: Sequence[tuple[int, int]]) -> bool:
-        """Whether these ranges are for the window (all in it, and it is unused). Others (the
-        TOC, on-demand reads) go to the underlying source and leave the window alone."""
+        """Whether these ranges are for the windows (each inside one, and they are still
+        held). Others (the TOC, on-demand reads) go to the underlying source."""
         with self._changed:
-            if self._used:
-                return False
-            inside = all(offset >= 0 and offset + length <= self.end_offset
-                         for offset, length in ranges)
-            if inside:
-                self._used = True
-            return inside
+            return not self._released and all(self._window_of(offset, length) is not None
+                                               for offset, length in ranges)
+
+    def _window_of(self, blob_offset: int, length: int) -> int | None:
+        """The index of the window holding [blob_offset, +length), or None."""
+        index = bisect.bisect_right(self._window_starts, blob_offset) - 1
+        if index < 0 or blob_offset + length > self.windows[index][1]:
+            return None
+        return index
 
     def _board(self, ranges: Sequence[tuple[int, int]]) -> _Rider | None:
-        """A rider for these ranges on the window's request, if that has not started and the
-        ranges lie past the window (the TOC does: it ends the blob); else None (read alone)."""
+        """A rider for these ranges on the windows' request, if that has not started and the
+        ranges miss every window (the TOC does: it ends the blob); else None (read alone)."""
         with self._changed:
             if (self._started or self._released or self._rider is not None
-                    or not all(offset >= self.end_offset for offset, _ in ranges)):
+                    or any(self._overlaps(offset, length) for offset, length in ranges)):
                 self._go.set()  # whatever the window waited for, it will not come through here
                 return None
             self._rider = _Rider(ranges)
         self._go.set()
         return self._rider
 
+    def _overlaps(self, blob_offset: int, length: int) -> bool:
+        end = blob_offset + length
+        return any(start < end and blob_offset < stop for start, stop in self.windows)
+
     def _serve(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """The pieces of each range, as the download brings them in."""
-        try:
-            for index, (blob_offset, length) in enumerate(ranges):
-                position, end = blob_offset, blob_offset + length
-                while position < end:
-                    available = self._wait_for(position)
-                    stop = min(end, available)
-                    yield index, bytes(self._buffer[position:stop])
-                    position = stop
-        finally:
-            self._release()
+        for index, (blob_offset, length) in enumerate(ranges):
+            window = self._window_of(blob_offset, length)
+            base = self._buffer_starts[window] - self._window_starts[window]
+            position, end = base + blob_offset, base + blob_offset + length
+            while position < end:
+                piece = self._next_piece(position, end)
+                yield index, piece
+                position += len(piece)
 
-    def _wait_for(self, blob_offset: int) -> int:
-        """How far the download has got, once it has passed blob_offset; raises if it failed."""
+    def _next_piece(self, buffer_offset: int, buffer_end: int) -> bytes:
+        """The buffer's bytes from buffer_offset (up to buffer_end), once the download has
+        brought some; raises if it failed or the windows were dropped."""
         with self._changed:
-            while len(self._buffer) <= blob_offset:
-                if self._error is not None:
-                    raise FetchError(f"{self.describe()}: speculative prefetch download failed: "
-                                     f"{self._error}", retriable=True) from None
-                if self._done:
-                    raise FetchError(f"{self.describe()}: speculative prefetch download ended "
-                                     f"at {len(self._buffer)} bytes", retriable=True)
+            while len(self._buffer) <= buffer_offset:
+                if self._error is not None or self._done or self._released:
+                    # The windows serve nobody after this: retries go to the server.
+                    self._release_locked()
+                    why = (f"failed: {self._error}" if self._error is not None
+                           else f"ended at {len(self._buffer)} bytes")
+                    raise FetchError(f"{self.describe()}: speculative prefetch download {why}",
+                                     retriable=True) from None
                 self._changed.wait()
-            return len(self._buffer)
+            return bytes(self._buffer[buffer_offset:buffer_end])
 
     def _download(self) -> None:
         self._go.wait(START_WAIT_S)
@@ -205,11 +228,12 @@ class SpeculativeSource:
                     for piece in iter_ranges(self.inner, rider.ranges):
                         rider.put(*piece)
                 return
-            ranges = (rider.ranges if rider is not None else []) + [(0, self.end_offset)]
-            window_index = len(ranges) - 1
+            ranges = ((rider.ranges if rider is not None else [])
+                      + [(start, end - start) for start, end in self.windows])
+            first_window = len(ranges) - len(self.windows)
             self.asking.set()
             for index, piece in iter_ranges(self.inner, ranges):
-                if index < window_index:
+                if index < first_window:
                     rider.put(index, piece)
                     continue
                 if rider is not None:
@@ -236,14 +260,8 @@ class SpeculativeSource:
                 self._changed.notify_all()
 
     def _give_up(self) -> None:
-        """The window will serve nobody (the prefetch is over, or the mount is closing)."""
-        self._go.set()  # a download still waiting to start finds the window released
-        with self._changed:
-            if not self._used:
-                self._used = True
-                self._release_locked()
-
-    def _release(self) -> None:
+        """The windows will serve nobody (the prefetch is over, or the mount is closing)."""
+        self._go.set()  # a download still waiting to start finds the windows released
         with self._changed:
             self._release_locked()
 
@@ -251,3 +269,19 @@ class SpeculativeSource:
         self._released = True
         self._buffer = bytearray()
         self._changed.notify_all()
+
+
+def _bounded(windows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """At most MAX_WINDOWS windows (joined across their smallest gaps) of at most
+    MAX_SPECULATIVE_BYTES in all (the last ones cut)."""
+    windows = [(max(0, start), end) for start, end in windows if end > max(0, start)]
+    if len(windows) > MAX_WINDOWS:
+        gaps = sorted(start - windows[index][1] for index, (start, _) in enumerate(windows[1:]))
+        windows = merge_extents(windows, gaps[len(windows) - MAX_WINDOWS - 1])
+    bounded, budget = [], MAX_SPECULATIVE_BYTES
+    for start, end in windows:
+        if budget <= 0:
+            break
+        bounded.append((start, min(end, start + budget)))
+        budget -= bounded[-1][1] - start
+    return bounded
