@@ -10,10 +10,13 @@ import zlib
 import pytest
 import zstandard
 
-from converter.layer import LayerOptions, convert_layer
+from converter import layer as layer_module
+from converter.layer import JOIN_GAP_BYTES, LayerOptions, chunk_plan, convert_layer
+from lazyfs.fetchoptions import DEFAULT_MERGE_GAP_BYTES
 from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.errors import FormatError, NotFound, VerificationError
-from lazyfs.format import zstdchunked
+from lazyfs.format import oci, zstdchunked
+from lazyfs.format.workload import merge_extents
 from lazyfs.format.codec import GzipCodec, ZstdCodec, codec_for, startup_codec_for
 from lazyfs.format.estargz import FOOTER_SIZE, parse_footer
 from lazyfs.format.seekable import MAX_FOOTER_SIZE
@@ -184,6 +187,81 @@ def test_prioritized_files_come_first_with_parents_and_link_targets(tmp_path, la
     assert order == ["usr", "usr/bin", "lib", "lib/libc", "usr/bin/b", "z", ".prefetch.landmark",
                      "usr/bin/a", "usr/bin/c"]
     assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == tree_of(extract(src, tmp_path / "a"))
+
+
+def test_recorded_reads_cut_prioritized_files_and_name_the_read_chunks(tmp_path, layer_format):
+    """A prioritized file with recorded reads is cut along them (reads closer than
+    JOIN_GAP_BYTES join); the prefetch ranges annotation covers exactly the read chunks of
+    prioritized files (a prioritized file with no reads counts whole), joined across gaps
+    under the mount's merge gap; the layer reads back and verifies like any other."""
+    big = os.urandom(40 * CHUNK)  # incompressible: blob gaps as big as file gaps
+    src = tar_of(tmp_path, file_("lib", big), file_("whole", b"w" * 1000), file_("cold", big))
+    reads = (("lib", ((0, 5000), (5 * CHUNK, 6 * CHUNK), (6 * CHUNK + 100, 6 * CHUNK + 200),
+                      (30 * CHUNK, 40 * CHUNK + 10))),
+             ("cold", ((0, 100),)))  # not prioritized: no effect
+    out, result = convert(tmp_path, layer_format, src, prioritized_files=("lib", "whole"),
+                          prioritized_reads=reads)
+    with LocalBlob(str(out)) as local:
+        layer = SeekableLayer.open(local)
+        files = {item.path: item for item in layer.entries}
+        cuts = [(chunk.file_offset, chunk.size) for chunk in files["lib"].chunks]
+        assert b"".join(layer.read_chunk(c) for c in files["lib"].chunks) == big
+    # Read: [0, 5000), [5, 6 chunks + 200) (the 100-byte gap joined), [30, 40 chunks) (cut
+    # at the file's end): each starts and ends a chunk, and no chunk is part read.
+    read_spans = [(0, 5000), (5 * CHUNK, 6 * CHUNK + 200), (30 * CHUNK, 40 * CHUNK)]
+    for file_offset, size in cuts:  # every chunk is all read or all unread
+        inside = any(a <= file_offset and file_offset + size <= b for a, b in read_spans)
+        outside = all(file_offset + size <= a or b <= file_offset for a, b in read_spans)
+        assert inside != outside, (file_offset, size)
+        assert size <= CHUNK
+    starts = {file_offset for file_offset, _ in cuts} | {40 * CHUNK}
+    assert {edge for span in read_spans for edge in span} <= starts
+    read_chunks = [c for c in files["lib"].chunks
+                   if any(a <= c.file_offset < b for a, b in read_spans)]
+    expected = merge_extents([(c.blob_offset, c.blob_end) for c in read_chunks]
+                             + [(c.blob_offset, c.blob_end) for c in files["whole"].chunks],
+                             DEFAULT_MERGE_GAP_BYTES)
+    ranges = oci.parse_ranges(result.annotations[oci.ANNOTATION_PREFETCH_RANGES])
+    assert ranges == expected and len(ranges) == 3  # lib's three reads; whole joins the last
+    assert all(c.blob_offset >= int(result.annotations[oci.ANNOTATION_PREFETCH_END])
+               for c in files["cold"].chunks)
+    assert tree_of(extract(out, tmp_path / "b", compression=layer_format), ESTARGZ_EXTRAS) == \
+        tree_of(extract(src, tmp_path / "a"))
+    verify_all_pins(out, result)
+    # Without recorded reads, no ranges: the mount prefetches the prioritized files whole.
+    _, plain = convert(tmp_path, layer_format, src, out_name="plain.blob",
+                       prioritized_files=("lib", "whole"))
+    assert oci.ANNOTATION_PREFETCH_RANGES not in plain.annotations
+
+
+def test_reads_recorded_through_a_hardlink_cut_the_file_that_holds_the_content(tmp_path):
+    big = os.urandom(8 * CHUNK)
+    src = tar_of(tmp_path, file_("lib", big), hardlink("alias", "lib"))
+    out, result = convert(tmp_path, "zstd:chunked", src, prioritized_files=("alias",),
+                          prioritized_reads=(("alias", ((2 * CHUNK, 3 * CHUNK),)),))
+    with LocalBlob(str(out)) as local:
+        [chunk] = [c for item in SeekableLayer.open(local).entries if item.path == "lib"
+                   for c in item.chunks if c.file_offset == 2 * CHUNK]
+    assert oci.parse_ranges(result.annotations[oci.ANNOTATION_PREFETCH_RANGES]) == \
+        [(chunk.blob_offset, chunk.blob_end)]
+
+
+@pytest.mark.parametrize("size, reads, plan", [
+    (10, None, [(0, 4, True), (4, 4, True), (8, 2, True)]),
+    (10, [], [(0, 4, False), (4, 4, False), (8, 2, False)]),
+    (10, [(2, 3)], [(0, 2, False), (2, 1, True), (3, 4, False), (7, 3, False)]),
+    (10, [(8, 50)], [(0, 4, False), (4, 4, False), (8, 2, True)]),  # clipped to the file
+    (0, [(0, 10)], []),
+])
+def test_chunk_plan(size, reads, plan, monkeypatch):
+    monkeypatch.setattr(layer_module, "JOIN_GAP_BYTES", 1)
+    assert chunk_plan(size, 4, reads) == plan
+
+
+def test_chunk_plan_joins_reads_closer_than_the_join_gap():
+    plan = chunk_plan(1 << 20, 1 << 20, [(0, 10), (JOIN_GAP_BYTES, JOIN_GAP_BYTES + 10)])
+    assert plan == [(0, JOIN_GAP_BYTES + 10, True), (JOIN_GAP_BYTES + 10,
+                                                     (1 << 20) - JOIN_GAP_BYTES - 10, False)]
 
 
 # Levels whose output differs on the text below: each member tells which level made it.

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lazyfs.errors import FormatError
+from lazyfs.format import oci, workload
 from lazyfs.format.codec import GzipCodec
 from lazyfs.format.estargz import (FOOTER_SIZE, LEGACY_FOOTER_SIZE, TOC_TAR_NAME, build_footer,
                                    build_toc_blob, parse_footer, read_toc_member)
@@ -407,3 +408,45 @@ def test_parsed_entries_keep_no_object_of_the_json_document(monkeypatch):
             value = getattr(entry, attr)
             if (isinstance(value, int) and value > 256) or (isinstance(value, str) and len(value) > 1):
                 assert id(value) not in in_document, (entry.name, attr)
+
+
+# --- the workload list (lazyfs/format/workload.py) and the prefetch ranges annotation ----------
+
+def test_a_workload_list_has_paths_in_order_and_the_reads_of_each_merged():
+    text = ("usr/bin/app\n"
+            "#read 0 4096 usr/bin/app\n"
+            "# a comment\n"
+            "\n"
+            "  lib/with space.so  \n"
+            "#read 8192 4096 lib/with space.so\n"
+            "#read 4096 4096 usr/bin/app\n"  # touches the first: one range
+            "#read 100000 10 usr/bin/app\n"
+            "odd\x1cname\n")  # not a line break in a list
+    listed = workload.parse(text)
+    assert listed.paths == ["usr/bin/app", "lib/with space.so", "odd\x1cname"]
+    assert listed.reads == {"usr/bin/app": [(0, 8192), (100000, 100010)],
+                            "lib/with space.so": [(8192, 12288)]}
+    assert workload.read_line(5, 7, "a b") == "#read 5 7 a b"
+    assert workload.parse(workload.read_line(5, 7, "a b")).reads == {"a b": [(5, 12)]}
+    extents = [(10, 20), (0, 5), (7, 7), (25, 30)]  # (7, 7) is empty
+    assert workload.merge_extents(extents, gap_bytes=4) == [(0, 5), (10, 20), (25, 30)]
+    assert workload.merge_extents(extents, gap_bytes=5) == [(0, 30)]
+
+
+@pytest.mark.parametrize("line", ["#read 1 2", "#read x 2 a", "#read 1 -2 a", "#read 1 2 "])
+def test_a_malformed_read_line_is_an_error_that_names_its_line(line):
+    with pytest.raises(FormatError, match=r"my.list, line 2: a read line is"):
+        workload.parse(f"a\n{line}\n", where="my.list")
+
+
+def test_prefetch_ranges_round_trip_and_bad_values_are_refused():
+    ranges = [(0, 10), (20, 25), (1 << 40, (1 << 40) + 1)]
+    assert oci.parse_ranges(oci.format_ranges(ranges)) == ranges
+    assert oci.parse_ranges("") == []
+    for text, message in (("5", "not OFFSET:LENGTH"), ("0:0", "not OFFSET:LENGTH"),
+                          ("0:-1", "not OFFSET:LENGTH"), ("10:5,12:1", "overlaps or precedes"),
+                          ("10:5,0:1", "overlaps or precedes"), ("0:101", "past the blob")):
+        with pytest.raises(FormatError, match=message):
+            oci.parse_ranges(text, blob_size=100)
+    with pytest.raises(FormatError, match="more than"):
+        oci.parse_ranges(",".join(f"{2 * i}:1" for i in range(oci.MAX_PREFETCH_RANGES + 1)))

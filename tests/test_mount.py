@@ -3,6 +3,7 @@ in order produces (umoci unpack applies the OCI whiteout rules independently of 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -228,3 +229,40 @@ def test_the_kernel_readahead_is_set_so_reads_arrive_in_big_requests(image, moun
             time.sleep(0.05)
         assert _bdi_readahead_kib(mount_dir) == expected_kib
         assert (mount_dir / "data/big.bin").read_bytes() == BIG
+
+
+def test_the_start_up_readahead_comes_first_when_recording_or_prefetching_recorded_reads(
+        monkeypatch):
+    """Recording: the start-up window all along. Prefetch ranges: the start-up window until
+    the start-up settles (even if it settled before the mount served). Otherwise, and with
+    --no-prefetch: the normal window from the start."""
+    from lazyfs import mount as mount_module
+    from lazyfs.fetchoptions import FetchOptions
+    from lazyfs.layerspec import LayerSpec
+    from lazyfs.mount import MountOptions, _readahead_for
+
+    sets = []
+    monkeypatch.setattr(mount_module, "_set_readahead", lambda device, size: sets.append(size))
+
+    def layers(ranges):
+        spec = LayerSpec(source=None, toc_digest=None, label="l", prefetch_ranges=ranges)
+        return [type("Layer", (), {"spec": spec})()]
+
+    options = MountOptions(kernel_readahead_bytes=1 << 20, startup_readahead_bytes=64 << 10)
+    for opts, ranges, expected in (
+            (options, [(0, 10)], [64 << 10, 1 << 20]),
+            (options, None, [1 << 20]),
+            (dataclasses.replace(options, fetch=FetchOptions(prefetch=False)), [(0, 10)],
+             [1 << 20]),
+            (dataclasses.replace(options, record=object()), None, [64 << 10])):
+        sets.clear()
+        readahead = _readahead_for(opts, layers(ranges))
+        readahead.serving(7)
+        readahead.settled()
+        readahead.settled()
+        assert sets == expected
+    sets.clear()
+    early = _readahead_for(options, layers([(0, 10)]))
+    early.settled()
+    early.serving(7)
+    assert sets == [1 << 20]

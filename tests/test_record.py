@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from lazyfs.blobfile import LocalBlob, SeekableLayer
 from lazyfs.cli import _build_parser, _read_prioritized, _record_command
-from lazyfs.format import workload
+from lazyfs.format import oci, workload
 from lazyfs.format.toc import clean_name
+from lazyfs.oci_layout import open_image
 from lazyfs.record import DEFAULT_LIMIT, AccessRecorder, RecordTarget, list_line
 from lazyfs.tree import ROOT_INODE
 from tests import tarbuild
@@ -360,6 +362,17 @@ def test_record_then_prioritize(bb_image, runtime, tmp_path):
     assert prefetched(lower) == ["bin", "bin/busybox", "etc", "etc/b", "etc/a"]
     # Nothing of the upper layer was read: it says "do not prefetch".
     assert ".no.prefetch.landmark" in [entry["name"] for entry in upper["entries"]]
+    # The lower one says which of its blob ranges hold what was read: the mount prefetches
+    # those (the files small enough to be read whole: their chunks are all in).
+    with open_image(f"{reordered}:{TAG}") as image:
+        lower_desc, upper_desc = image.layers
+        ranges = oci.parse_ranges(lower_desc.annotations[oci.ANNOTATION_PREFETCH_RANGES])
+        assert oci.ANNOTATION_PREFETCH_RANGES not in (upper_desc.annotations or {})
+        with LocalBlob(image.blob_path(lower_desc)) as blob:
+            entries = {item.path: item for item in SeekableLayer.open(blob).entries}
+    for path in ("etc/b", "etc/a"):
+        [chunk] = entries[path].chunks
+        assert any(start <= chunk.blob_offset and chunk.blob_end <= end for start, end in ranges)
     result = lazyfs("verify", f"{reordered}:{TAG}", scratch=tmp_path)
     assert result.returncode == 0, result.stderr
 
@@ -429,3 +442,15 @@ def test_failures_leave_no_list(bb_image, tmp_path):
     assert not output.exists()
     assert [p.name for p in tmp_path.iterdir() if ".partial" in p.name] == []
     assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_a_list_that_is_not_utf8_or_has_a_bad_read_line_is_a_clear_error(tmp_path):
+    from lazyfs.errors import FormatError
+
+    bad = tmp_path / "latin1.list"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(FormatError, match="is not UTF-8"):
+        _read_prioritized(str(bad))
+    bad.write_text("etc/a\n#read 0 ten etc/a\n")
+    with pytest.raises(FormatError, match="latin1.list, line 2: a read line is"):
+        _read_prioritized(str(bad))

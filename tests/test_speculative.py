@@ -5,6 +5,9 @@ the converter writes the annotations that start it."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import random
 import threading
 import time
@@ -23,6 +26,7 @@ from lazyfs.source.http import HttpSource
 from lazyfs.source import speculative
 from lazyfs.source.speculative import MAX_SPECULATIVE_BYTES, SpeculativeSource
 from tests.imagebuild import write_layout
+from tests.mounting import mounted
 from tests.servers import PyHttpServer
 from tests.tarbuild import dir_, file_
 
@@ -261,3 +265,113 @@ def test_the_converter_records_where_the_prioritized_files_end(tmp_path, layer_f
     assert entries["app/first"].chunks[-1].blob_end <= end
     with open_image(f"{plain}:t") as image:
         assert oci.ANNOTATION_PREFETCH_END not in image.layers[0].annotations
+
+
+def read_exactly(path: Path, offset: int, size: int) -> bytes:
+    """The bytes, with the kernel told not to read ahead: the mount sees just this read."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _bdi_readahead_kib(mount_dir: Path) -> int:
+    device = os.stat(mount_dir).st_dev
+    return int(Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb")
+               .read_text())
+
+
+def _stats(mount_dir: Path) -> dict:
+    return json.loads(os.getxattr(mount_dir, "user.lazyfs.stats"))
+
+
+def test_a_mount_prefetches_only_what_the_recorded_start_up_read(tmp_path, nginx):
+    """An image converted with recorded reads, mounted over HTTP: the first blob request asks
+    for the TOC and exactly the annotated ranges; those parts read with no further request;
+    the rest of a prioritized file comes on demand; the kernel readahead is the start-up
+    window until the mount has settled, then the normal one."""
+    chunk = 64 << 10
+    lib = random.Random(7).randbytes(24 * chunk)
+    members = [dir_("app/"), file_("app/lib", lib), file_("app/conf", b"c" * 100),
+               file_("app/other", b"o" * 5000)]
+    source = write_layout(tmp_path / "source", [members], "t")
+    out = Path(nginx.root) / "sparse"
+    reads = (("app/lib", ((0, chunk), (10 * chunk, 12 * chunk))),)
+    convert_image(f"{source}:t", str(out), archive=False,
+                  options=LayerOptions(format="zstd:chunked", chunk_size=chunk,
+                                       prioritized_files=("app/lib", "app/conf"),
+                                       prioritized_reads=reads))
+    with open_image(f"{out}:t") as image:
+        [desc] = image.layers
+        ranges = oci.parse_ranges(desc.annotations[oci.ANNOTATION_PREFETCH_RANGES])
+        toc_offset, toc_length = map(int, desc.annotations[
+            oci.ANNOTATION_ZSTD_MANIFEST_POSITION].split(":")[:2])
+    blob_uri = f"/sparse/blobs/sha256/{desc.digest.split(':')[1]}"
+    assert len(ranges) == 3  # lib's first chunk, its chunks 10-11, and conf (after lib)
+    nginx.clear_log()
+    mount_dir = tmp_path / "mnt"
+    with mounted(f"{nginx.url}/sparse:t", mount_dir, "--no-background-fetch",
+                 cache_dir=tmp_path / "cache"):
+        assert _bdi_readahead_kib(mount_dir) == 128
+        deadline = time.monotonic() + 20
+        while not _stats(mount_dir)["layers"][0]["prefetch_done"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        first = [r.range for r in nginx.requests() if r.uri == blob_uri]
+        assert first == [f"bytes={toc_offset}-{toc_offset + toc_length - 1},"
+                         + ",".join(f"{start}-{end - 1}" for start, end in ranges)]
+        # The recorded reads again, exactly (no kernel readahead around them): no request.
+        assert read_exactly(mount_dir / "app/lib", 0, chunk) == lib[:chunk]
+        assert read_exactly(mount_dir / "app/lib", 10 * chunk, 2 * chunk) == \
+            lib[10 * chunk:12 * chunk]
+        assert (mount_dir / "app/conf").read_bytes() == b"c" * 100
+        assert len([r for r in nginx.requests() if r.uri == blob_uri]) == 1
+        # Not read at start-up: on demand.
+        assert read_exactly(mount_dir / "app/lib", 5 * chunk, 1000) == \
+            lib[5 * chunk:5 * chunk + 1000]
+        assert len([r for r in nginx.requests() if r.uri == blob_uri]) == 2
+        deadline = time.monotonic() + 20  # quiet for FetchOptions.background_quiet_s
+        while _bdi_readahead_kib(mount_dir) != 1024:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (mount_dir / "app/lib").read_bytes() == lib
+
+
+def test_a_malformed_prefetch_ranges_annotation_falls_back_to_the_whole_window(tmp_path, nginx):
+    members = [dir_("app/"), file_("app/first", b"a" * 5000), file_("app/later", b"b" * 7000)]
+    source = write_layout(tmp_path / "source", [members], "t")
+    out = Path(nginx.root) / "layout"
+    convert_image(f"{source}:t", str(out), archive=False,
+                  options=LayerOptions(format="zstd:chunked", prioritized_files=("app/first",),
+                                       prioritized_reads=(("app/first", ((0, 10),)),)))
+    with open_image(f"{out}:t") as image:
+        [desc] = image.layers
+        end = int(desc.annotations[oci.ANNOTATION_PREFETCH_END])
+    rewrite_layer_annotation(out, oci.ANNOTATION_PREFETCH_RANGES, "0:10,5:1")
+    nginx.clear_log()
+    mount_dir = tmp_path / "mnt"
+    log = tmp_path / "mount.log"
+    with mounted(f"{nginx.url}/layout:t", mount_dir, "--no-background-fetch", log=log,
+                 cache_dir=tmp_path / "cache"):
+        assert (mount_dir / "app/first").read_bytes() == b"a" * 5000
+        assert _bdi_readahead_kib(mount_dir) == 1024  # no start-up window without ranges
+    blob_requests = [r.range for r in nginx.requests() if r.range]
+    assert blob_requests[0].endswith(f",0-{end - 1}")  # the TOC's range, then [0, end)
+    assert "ignored" in log.read_text() and "overlaps or precedes" in log.read_text()
+
+
+def rewrite_layer_annotation(layout: Path, key: str, value: str) -> None:
+    """Set an annotation of the first layer of the layout's one manifest (a new manifest blob,
+    and the index pointing at it), as an image edited by another tool would be."""
+    index = json.loads((layout / "index.json").read_text())
+    descriptor = index["manifests"][0]
+    blobs = layout / "blobs" / "sha256"
+    manifest = json.loads((blobs / descriptor["digest"].split(":")[1]).read_bytes())
+    manifest["layers"][0]["annotations"][key] = value
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (blobs / digest).write_bytes(data)
+    descriptor.update(digest=f"sha256:{digest}", size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
