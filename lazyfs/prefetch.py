@@ -5,7 +5,10 @@ recorded with `lazyfs record`), then the `.prefetch.landmark` entry; a layer con
 list starts with `.no.prefetch.landmark` instead and prefetches nothing. The chunks of every
 file before the landmark are contiguous members at the start of the blob, so they are fetched
 as one ranged read (no size cap: the answer is streamed and each member is inflated, verified
-and handed out as soon as it is in).
+and handed out as soon as it is in). When the list the layer was converted with said what a
+start-up read of those files, the layer's prefetch ranges (`dev.lazyfs.prefetch.ranges`) name
+the blob ranges of the chunks it read, and only the chunks inside them are prefetched: the
+rest of those files is fetched when something reads it, or by the background fetch.
 
 Ordering against reads: the prefetch *claims* its chunks (fetch.ChunkFetcher.claim) before the
 mount serves its first request (`nursery.start` returns only after the claims), so a read of a

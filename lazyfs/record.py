@@ -39,14 +39,24 @@ and reading it would have to happen before unmount. The small summary (count, li
 names skipped, a write error) does travel in that stats xattr: the command reads it before
 unmounting.
 
+And what of each file: every read that asks for bytes of a recorded file that no earlier read
+asked for appends a read line, "#read OFFSET LENGTH PATH" (lazyfs/format/workload.py), before
+it is answered. The reads are the kernel's, readahead included: the recording mount keeps the
+start-up readahead window (MountOptions.startup_readahead_bytes, 128 KiB) all along, the window
+a mount of the converted image keeps while its program starts, so that the kernel then asks
+for what it asked now, and the converter can cut those files along these reads and have mounts
+prefetch only what was read.
+
 Memory, bounded: the recorder keeps the set of recorded inodes (at most `limit`, default
-DEFAULT_LIMIT = 100,000 files; past it, recording stops and the summary says so) and one
-(parent inode, name) per directory or not-yet-recorded regular file the kernel learned a name
-of: at most one per entry of the image, and freed when the limit is reached. Nothing is kept
-for other entries.
+DEFAULT_LIMIT = 100,000 files; past it, recording stops and the summary says so) with each
+one's path line and the merged ranges read of it (a few per file), and one (parent inode,
+name) per directory or not-yet-recorded regular file the kernel learned a name of: at most one
+per entry of the image. All of it is freed when the limit is reached. Nothing is kept for
+other entries.
 
 Lines: what `convert --prioritize` reads back as the same path (it strips each line, skips
-blank lines and lines starting with "#", and cleans names with toc.clean_name). A name with
+blank lines and lines starting with "#" other than read lines, and cleans names with
+toc.clean_name). A name with
 leading whitespace or a leading "#" gets "./" in front, one with trailing whitespace "/." after.
 A name with a newline or carriage return, or not UTF-8, cannot be a line: it is skipped (and
 counted). The output is written to LIST.partial-PID and renamed to LIST only when the program
