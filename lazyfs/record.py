@@ -56,10 +56,9 @@ other entries.
 
 Lines: what `convert --prioritize` reads back as the same path (it strips each line, skips
 blank lines and lines starting with "#" other than read lines, and cleans names with
-toc.clean_name). A name with
-leading whitespace or a leading "#" gets "./" in front, one with trailing whitespace "/." after.
-A name with a newline or carriage return, or not UTF-8, cannot be a line: it is skipped (and
-counted). The output is written to LIST.partial-PID and renamed to LIST only when the program
+toc.clean_name). A name with leading whitespace or a leading "#" gets "./" in front, one with
+trailing whitespace "/." after. A name with a newline or carriage return, or not UTF-8, cannot
+be a line: it is skipped (and counted). The output is written to LIST.partial-PID and renamed to LIST only when the program
 ran to its end and the recording had no error.
 
 Not filtered: every read of the mount while recording counts, including lazyfs's own (the
