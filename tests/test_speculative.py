@@ -287,7 +287,7 @@ def _stats(mount_dir: Path) -> dict:
     return json.loads(os.getxattr(mount_dir, "user.lazyfs.stats"))
 
 
-def test_a_mount_prefetches_only_what_the_recorded_start_up_read(tmp_path, nginx):
+def test_a_mount_prefetches_only_what_the_recorded_start_up_read(tmp_path, nginx, layer_format):
     """An image converted with recorded reads, mounted over HTTP: the first blob request asks
     for the TOC and exactly the annotated ranges; those parts read with no further request;
     the rest of a prioritized file comes on demand; the kernel readahead is the start-up
@@ -300,14 +300,18 @@ def test_a_mount_prefetches_only_what_the_recorded_start_up_read(tmp_path, nginx
     out = Path(nginx.root) / "sparse"
     reads = (("app/lib", ((0, chunk), (10 * chunk, 12 * chunk))),)
     convert_image(f"{source}:t", str(out), archive=False,
-                  options=LayerOptions(format="zstd:chunked", chunk_size=chunk,
+                  options=LayerOptions(format=layer_format, chunk_size=chunk,
                                        prioritized_files=("app/lib", "app/conf"),
                                        prioritized_reads=reads))
     with open_image(f"{out}:t") as image:
         [desc] = image.layers
         ranges = oci.parse_ranges(desc.annotations[oci.ANNOTATION_PREFETCH_RANGES])
-        toc_offset, toc_length = map(int, desc.annotations[
-            oci.ANNOTATION_ZSTD_MANIFEST_POSITION].split(":")[:2])
+        if layer_format == "zstd:chunked":
+            toc_offset, toc_length = map(int, desc.annotations[
+                oci.ANNOTATION_ZSTD_MANIFEST_POSITION].split(":")[:2])
+        else:  # the TOC member and the footer: the rest of the blob
+            toc_offset = int(desc.annotations[oci.ANNOTATION_TOC_OFFSET])
+            toc_length = desc.size - toc_offset
     blob_uri = f"/sparse/blobs/sha256/{desc.digest.split(':')[1]}"
     assert len(ranges) == 3  # lib's first chunk, its chunks 10-11, and conf (after lib)
     nginx.clear_log()
