@@ -93,7 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="level for what a cold mount waits for, the TOC and the prioritized "
                               "files (default 9 for estargz, 19 for zstd:chunked)")
     convert.add_argument("--prioritize", metavar="LIST",
-                         help="file of paths (one per line, in access order) to put first for prefetch")
+                         help="file of paths (one per line, in access order) to put first for "
+                              "prefetch, as `lazyfs record` writes it (its #read lines: what of "
+                              "each file to prefetch)")
     convert.add_argument("--workers", type=_positive_int, metavar="N",
                          help="compression threads (default: every core); output is the same for any N")
     convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

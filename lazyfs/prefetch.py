@@ -41,6 +41,7 @@ import logging
 import trio
 
 from lazyfs.format.estargz import NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK
+from lazyfs.format.workload import range_holding
 from lazyfs.priority import Priority
 from lazyfs.rangeplan import group_spans, plan_requests
 
@@ -96,24 +97,14 @@ def prioritized_chunks(entries, read_ranges=None) -> list:
     chunks = []
     for item in entries:
         if item.path == PREFETCH_LANDMARK:
-            chunks.sort(key=lambda chunk: chunk.blob_offset)
-            return chunks if read_ranges is None else _inside(chunks, read_ranges)
+            if read_ranges is not None:
+                chunks = [chunk for chunk in chunks if range_holding(
+                    read_ranges, chunk.blob_offset, chunk.blob_end) is not None]
+            return sorted(chunks, key=lambda chunk: chunk.blob_offset)
         if item.path == NO_PREFETCH_LANDMARK:
             return []
         chunks.extend(item.chunks)
     return []
-
-
-def _inside(chunks: list, ranges: list[tuple[int, int]]) -> list:
-    """The chunks (sorted by blob offset) that lie inside one of the sorted, apart ranges."""
-    inside, index = [], 0
-    for chunk in chunks:
-        while index < len(ranges) and ranges[index][1] <= chunk.blob_offset:
-            index += 1
-        if index < len(ranges) and ranges[index][0] <= chunk.blob_offset \
-                and chunk.blob_end <= ranges[index][1]:
-            inside.append(chunk)
-    return inside
 
 
 async def _prefetch_layer(fetcher, layer, claimed) -> None:

@@ -190,7 +190,7 @@ class AccessRecorder:
             return
         extents = self._extents.setdefault(inode, [])
         end = file_offset + length
-        if any(start <= file_offset and end <= stop for start, stop in extents):
+        if workload.range_holding(extents, file_offset, end) is not None:
             return
         self._write((workload.read_line(file_offset, length, line) + "\n").encode())
         extents[:] = workload.merge_extents(extents + [(file_offset, end)])

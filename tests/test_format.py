@@ -431,6 +431,10 @@ def test_a_workload_list_has_paths_in_order_and_the_reads_of_each_merged():
     extents = [(10, 20), (0, 5), (7, 7), (25, 30)]  # (7, 7) is empty
     assert workload.merge_extents(extents, gap_bytes=4) == [(0, 5), (10, 20), (25, 30)]
     assert workload.merge_extents(extents, gap_bytes=5) == [(0, 30)]
+    merged = [(0, 5), (10, 20), (25, 30)]
+    assert [workload.range_holding(merged, start, end) for start, end in
+            ((0, 5), (12, 20), (25, 26), (4, 11), (5, 10), (30, 31), (-1, 0))] == \
+        [0, 1, 2, None, None, None, None]
 
 
 @pytest.mark.parametrize("line", ["#read 1 2", "#read x 2 a", "#read 1 -2 a", "#read 1 2 "])

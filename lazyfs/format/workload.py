@@ -20,6 +20,7 @@ serves is checked against the TOC's digests whatever the list said.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from lazyfs.errors import FormatError
@@ -76,3 +77,12 @@ def merge_extents(extents, gap_bytes: int = 0) -> list[tuple[int, int]]:
         else:
             merged.append((start, end))
     return merged
+
+
+def range_holding(ranges: list[tuple[int, int]], start: int, end: int) -> int | None:
+    """The index of the range of `ranges` (sorted, apart, as merge_extents gives them) that
+    holds all of [start, end), or None."""
+    index = bisect.bisect_right(ranges, start, key=lambda extent: extent[0]) - 1
+    if index < 0 or end > ranges[index][1]:
+        return None
+    return index

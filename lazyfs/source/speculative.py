@@ -38,14 +38,13 @@ as retriable, and its retry reads from the server.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import threading
 from collections.abc import Iterator, Sequence
 
 from lazyfs.errors import FetchError
-from lazyfs.format.workload import merge_extents
+from lazyfs.format.workload import merge_extents, range_holding
 from lazyfs.source import iter_ranges
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,6 @@ class SpeculativeSource:
         self.inner = inner
         self.windows = _bounded(list(windows))
         # Where each window's bytes start in the buffer, which holds them one after the other.
-        self._window_starts = [start for start, _ in self.windows]
         self._buffer_starts = list(itertools.accumulate(
             (end - start for start, end in self.windows[:-1]), initial=0))
         self._buffer = bytearray()
@@ -165,15 +163,9 @@ class SpeculativeSource:
         """Whether these ranges are for the windows (each inside one, and they are still
         held). Others (the TOC, on-demand reads) go to the underlying source."""
         with self._changed:
-            return not self._released and all(self._window_of(offset, length) is not None
-                                               for offset, length in ranges)
-
-    def _window_of(self, blob_offset: int, length: int) -> int | None:
-        """The index of the window holding [blob_offset, +length), or None."""
-        index = bisect.bisect_right(self._window_starts, blob_offset) - 1
-        if index < 0 or blob_offset + length > self.windows[index][1]:
-            return None
-        return index
+            return not self._released and all(
+                range_holding(self.windows, offset, offset + length) is not None
+                for offset, length in ranges)
 
     def _board(self, ranges: Sequence[tuple[int, int]]) -> _Rider | None:
         """A rider for these ranges on the windows' request, if that has not started and the
@@ -194,8 +186,8 @@ class SpeculativeSource:
     def _serve(self, ranges: Sequence[tuple[int, int]]) -> Iterator[tuple[int, bytes]]:
         """The pieces of each range, as the download brings them in."""
         for index, (blob_offset, length) in enumerate(ranges):
-            window = self._window_of(blob_offset, length)
-            base = self._buffer_starts[window] - self._window_starts[window]
+            window = range_holding(self.windows, blob_offset, blob_offset + length)
+            base = self._buffer_starts[window] - self.windows[window][0]
             position, end = base + blob_offset, base + blob_offset + length
             while position < end:
                 piece = self._next_piece(position, end)
